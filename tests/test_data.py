@@ -1,0 +1,105 @@
+"Property and fallback tests for fastdcm.data's patient splitters and leak check."
+import warnings, copy
+from pathlib import Path
+import numpy as np, pandas as pd, pytest
+import pydicom
+from pydicom.data import get_testdata_file
+from hypothesis import given, settings, strategies as st, HealthCheck
+from fastdcm.data import PatientSplitter, PatientKFoldSplitter, patient_groups, check_leakage
+
+@st.composite
+def layouts(draw):
+    "A DataFrame of images: random patients with random image counts, some IDs blank (study/folder fallback), shuffled rows."
+    n_pat = draw(st.integers(1, 25))
+    sizes = draw(st.lists(st.integers(1, 8), min_size=n_pat, max_size=n_pat))
+    blank = draw(st.lists(st.sampled_from(['id', 'study', 'folder']), min_size=n_pat, max_size=n_pat))
+    rows = []
+    for p,(n,b) in enumerate(zip(sizes, blank)):
+        for i in range(n):
+            rows.append({'fname': f'pat{p}/img{i}.dcm', 'truth': p,
+                         'PatientID': f'P{p}' if b=='id' else draw(st.sampled_from(['', None, '  '])),
+                         'StudyInstanceUID': f'1.2.{p}' if b in ('id','study') else None})
+    order = draw(st.permutations(range(len(rows))))
+    return pd.DataFrame([rows[i] for i in order]).reset_index(drop=True)
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts(), st.floats(0.05, 0.95), st.integers(0, 10_000))
+def test_patient_splitter_properties(df, valid_pct, seed):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        trn, val = PatientSplitter(valid_pct, seed=seed)(df)
+    trn, val = list(trn), list(val)
+    assert sorted(trn+val) == list(range(len(df)))                       # a partition
+    assert not set(df.truth[trn]) & set(df.truth[val])                    # no patient (true identity) on both sides
+    biggest = df.truth.value_counts().max()
+    assert abs(len(val) - valid_pct*len(df)) <= biggest                   # within one patient of valid_pct
+    if df.truth.nunique()>1: assert trn and val                           # both sides non-empty when possible
+
+@settings(max_examples=60, deadline=None)
+@given(layouts(), st.integers(2, 5), st.integers(0, 1000), st.booleans())
+def test_kfold_properties(df, n_splits, seed, strat):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        if df.truth.nunique() < n_splits:
+            with pytest.raises(ValueError, match='cannot fill'): PatientKFoldSplitter(n_splits, 0, seed)(df)
+            return
+        df['label'] = df.truth % 2
+        folds = [PatientKFoldSplitter(n_splits, f, seed, stratify='label' if strat else None)(df) for f in range(n_splits)]
+    for t,v in folds:
+        assert not set(df.truth[list(t)]) & set(df.truth[list(v)])
+        assert sorted(list(t)+list(v)) == list(range(len(df)))
+    assert sorted(i for _,v in folds for i in v) == list(range(len(df)))   # each item validated once
+
+def test_fallback_warns_and_counts():
+    df = pd.DataFrame({'fname': ['a/1.dcm','a/2.dcm','b/3.dcm','c/4.dcm'], 'PatientID': ['P1', '', None, np.nan],
+                       'StudyInstanceUID': ['1', '1.9', None, None]})
+    with pytest.warns(UserWarning, match=r'3 of 4 items have no PatientID.*StudyInstanceUID \(1\).*folder \(2\)'):
+        keys = patient_groups(df)
+    assert list(keys) == ['P1', 'StudyInstanceUID:1.9', 'folder:b', 'folder:c']
+
+def _write(ds, fn, **tags):
+    ds = copy.deepcopy(ds)
+    for k,v in tags.items():
+        if v is None: delattr(ds, k)
+        else: setattr(ds, k, v)
+    fn.parent.mkdir(parents=True, exist_ok=True); ds.save_as(fn); return fn
+
+def test_paths_read_header_and_fall_back(tmp_path):
+    src = pydicom.dcmread(get_testdata_file('CT_small.dcm'))
+    files = [_write(src, tmp_path/'p1'/'a.dcm', PatientID='X1'),
+             _write(src, tmp_path/'p1'/'b.dcm', PatientID='X1'),
+             _write(src, tmp_path/'s'/'c.dcm', PatientID='', StudyInstanceUID='1.2.3'),
+             _write(src, tmp_path/'s'/'d.dcm', PatientID='', StudyInstanceUID='1.2.3'),
+             _write(src, tmp_path/'f1'/'e.dcm', PatientID=None, StudyInstanceUID=None),
+             _write(src, tmp_path/'f2'/'f.dcm', PatientID='', StudyInstanceUID=None)]
+    with pytest.warns(UserWarning, match='4 of 6 items'):
+        keys = patient_groups(files)
+    assert list(keys[:4]) == ['X1', 'X1', 'StudyInstanceUID:1.2.3', 'StudyInstanceUID:1.2.3']
+    assert keys[4] == f'folder:{tmp_path/"f1"}' and keys[5] == f'folder:{tmp_path/"f2"}'
+    # a DataFrame without a patient column reads the headers of its files
+    df = pd.DataFrame({'fname': [f.name for f in files], 'label': range(6)})
+    df['fname'] = [str(f.relative_to(tmp_path)) for f in files]
+    with pytest.warns(UserWarning):
+        assert list(patient_groups(df, path=tmp_path)) == list(keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for seed in range(10):
+            trn, val = PatientSplitter(0.3, seed=seed)(files)
+            assert not set(keys[list(trn)]) & set(keys[list(val)])
+
+def test_check_leakage_fastai_dls():
+    from fastai.data.block import DataBlock, CategoryBlock, RegressionBlock
+    from fastai.data.transforms import ColReader, RandomSplitter
+    df = pd.DataFrame({'x': np.arange(40.), 'PatientID': [f'P{i//4}' for i in range(40)], 'y': [0,1]*20})
+    mk = lambda spl: DataBlock(blocks=(RegressionBlock, CategoryBlock), get_x=ColReader('x'), get_y=ColReader('y'),
+                               splitter=spl).dataloaders(df, bs=4)
+    assert check_leakage(mk(PatientSplitter(0.25, seed=0))).empty
+    with pytest.warns(UserWarning, match='also in the training set'):
+        rep = check_leakage(mk(RandomSplitter(0.25, seed=0)))
+    assert len(rep) > 0 and (rep.n_train>0).all() and (rep.n_valid>0).all()
+
+def test_bad_arguments():
+    with pytest.raises(ValueError): PatientSplitter(1.5)
+    with pytest.raises(ValueError): PatientKFoldSplitter(1)
+    with pytest.raises(TypeError): check_leakage([1, 2])
+    with pytest.raises(TypeError, match="can't find the patient"): patient_groups([3.5])
