@@ -5,7 +5,7 @@ import numpy as np, pytest, pydicom
 from pydicom.data import get_testdata_file
 from fastdcm.core import *
 from fastdcm.pixels import *
-from fastdcm.pixels import PixelDecodeError, _load
+from fastdcm.pixels import PixelDecodeError, FrameIndexError, _load
 
 CT, MR = get_testdata_file('CT_small.dcm'), get_testdata_file('MR_small.dcm')
 
@@ -26,4 +26,4 @@ def test_frame_selection():
     f = get_testdata_file('rtdose.dcm')
     full = dicom_pixels(f)
     for i in (0, 7, 14): np.testing.assert_array_equal(dicom_pixels(f, frame=i), full[i])
-    with pytest.raises(IndexError, match='rtdose.dcm'): dicom_pixels(f, frame=15)
+    with pytest.raises(FrameIndexError, match='rtdose.dcm'): dicom_pixels(f, frame=15)
