@@ -317,3 +317,29 @@ def test_bad_files(tmp_path):
     ds = fdcmread(bad['short_pixels'])
     assert len(ds.PixelData) < ds.Rows*ds.Columns*2
     with pytest.raises(Exception): ds.pixel_array
+
+
+def test_enhanced_oblique_shuffled_frames(tmp_path):
+    iop = (0.8660254, 0.5, 0., -0.3535534, 0.6123724, -0.7071068)
+    fn, v = synth_dicom(tmp_path/'e.dcm', enhanced=True, frames=7, size=24, orientation=iop, slice_spacing=1.25,
+                        shuffle_frames=True, per_frame=False, return_values=True)
+    ds = pydicom.dcmread(fn)
+    pf = ds.PerFrameFunctionalGroupsSequence
+    order = v['order']
+    assert sorted(order) == list(range(7)) and list(order) != list(range(7))
+    n = np.cross(iop[:3], iop[3:])
+    proj = np.array([np.array(f.PlanePositionSequence[0].ImagePositionPatient, float) @ n for f in pf])
+    np.testing.assert_array_equal(np.argsort(proj), np.argsort(order))      # positions follow the true order
+    np.testing.assert_allclose(np.diff(np.sort(proj)), 1.25, atol=1e-4)
+    assert [f.FrameContentSequence[0].InStackPositionNumber for f in pf] == list(order + 1)
+    # the frame stored at f is slice order[f] of the unshuffled object
+    ref = synth_dicom(tmp_path/'r.dcm', enhanced=True, frames=7, size=24, orientation=iop, slice_spacing=1.25,
+                      per_frame=False, return_values=True)[1]
+    np.testing.assert_array_equal(v['modality'], ref['modality'][order])
+
+
+def test_two_series_in_one_folder_do_not_collide(tmp_path):
+    a = synth_ct_series(tmp_path, n_slices=5, size=16, patient_id='PA')
+    b = synth_ct_series(tmp_path, n_slices=5, size=16, patient_id='PB')
+    assert not set(a) & set(b) and len(list(tmp_path.iterdir())) == 10
+    assert pydicom.dcmread(a[0]).SeriesInstanceUID != pydicom.dcmread(b[0]).SeriesInstanceUID
