@@ -1,0 +1,165 @@
+"The `fastdcm` console script, run for real in subprocesses: help, index, info, show, convert (kill + resume), anonymize."
+import os, sys, signal, subprocess, time, types
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, PIL.Image
+from pydicom.data import get_testdata_file
+from fastdcm.export import read_converted
+from fastdcm.pixels import dicom_pixels
+from test_export import make_tree, phi_values, leaks, tree_hash, outputs, SALT
+
+_script = Path(sys.executable).parent/'fastdcm'
+FASTDCM = [str(_script)] if _script.exists() else [sys.executable, '-m', 'fastdcm.cli']
+CT = get_testdata_file('CT_small.dcm')
+
+def run(*args, check=True, **kw):
+    env = {**os.environ, 'MPLBACKEND': 'Agg', 'PYTHONUNBUFFERED': '1'}
+    r = subprocess.run(FASTDCM + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300, **kw)
+    if check and r.returncode != 0: raise AssertionError(f'exit {r.returncode}\n{r.stdout}\n{r.stderr}')
+    return r
+
+@pytest.mark.parametrize('cmd', ['index', 'info', 'show', 'convert', 'anonymize', 'demo'])
+def test_help(cmd):
+    r = run(cmd, '--help')
+    assert r.stdout.startswith(f'usage: fastdcm {cmd}')
+
+def test_no_command_is_usage_error():
+    r = run(check=False)
+    assert r.returncode == 2 and 'usage' in r.stderr
+
+def test_index(tmp_path):
+    tree = make_tree(tmp_path/'src'); (tree/'Doe_Jane'/'notes.dcm').write_bytes(b'not a DICOM file' * 20)
+    before = tree_hash(tree)
+    r = run('index', tree, '-o', tmp_path/'index.csv', '-q')
+    df = pd.read_csv(tmp_path/'index.csv')
+    assert len(df) == 7 and df.error.notna().sum() == 1 and df.Modality.eq('CT').sum() == 6
+    assert '7 files indexed' in r.stdout and '1 unreadable' in r.stdout
+    assert tree_hash(tree) == before
+    r = run('index', tree, '-o', tmp_path/'index.txt', check=False)
+    assert r.returncode != 0 and '.csv or .parquet' in r.stderr
+
+def test_info():
+    r = run('info', CT, get_testdata_file('JPEG2000.dcm'))
+    assert 'modality: CT' in r.stdout and 'Explicit VR Little Endian' in r.stdout
+    assert 'JPEG 2000' in r.stdout and 'decoder installed' in r.stdout
+    assert 'patient ID: present (not shown)' in r.stdout and '1CT1' not in r.stdout
+    r = run('info', get_testdata_file('README.txt'), check=False)
+    assert r.returncode == 1 and 'README.txt' in r.stderr and 'Traceback' not in r.stderr
+
+def test_show(tmp_path):
+    for win in ['header', 'auto', '40,400', '-100,1500']:
+        out = tmp_path/f'{win}.png'
+        r = run('show', CT, '-o', out, f'--window={win}')   # '=' form: a negative centre isn't an option
+        img = np.array(PIL.Image.open(out))
+        assert img.dtype == np.uint8 and img.shape == (128, 128) and img.max() > img.min()
+        want = np.round(np.clip(dicom_pixels(CT, stage='display', window=None if win in ('header', 'auto') else
+                                             tuple(map(float, win.split(',')))), 0, 1) * 255)
+        if win != 'auto': np.testing.assert_array_equal(img, want)
+    a, b = (np.array(PIL.Image.open(tmp_path/f'{w}.png')) for w in ('40,400', '-100,1500'))
+    assert not np.array_equal(a, b)
+    mf = get_testdata_file('SC_rgb_rle_2frame.dcm')
+    run('show', mf, '-o', tmp_path/'f1.png', '--frame', '1')
+    assert np.array(PIL.Image.open(tmp_path/'f1.png')).shape == dicom_pixels(mf, frame=1).shape
+    r = run('show', CT, '-o', tmp_path/'bad.png', '--window', '40,x', check=False)
+    assert r.returncode == 1 and 'CENTER,WIDTH' in r.stderr and not (tmp_path/'bad.png').exists()
+
+def test_show_named_window(tmp_path):
+    augment = pytest.importorskip('fastdcm.augment')
+    name, (c, w) = next(iter(augment.dicom_windows.items()))
+    run('show', CT, '-o', tmp_path/'named.png', '--window', name)
+    want = np.round(np.clip(dicom_pixels(CT, stage='display', window=(c, w)), 0, 1) * 255)
+    np.testing.assert_array_equal(np.array(PIL.Image.open(tmp_path/'named.png')), want)
+
+def test_convert_round_trip_and_source_untouched(tmp_path):
+    tree = make_tree(tmp_path/'src'); before = tree_hash(tree)
+    for fmt in ['png16', 'tiff16', 'npy']:
+        out = tmp_path/fmt
+        r = run('convert', tree, out, '--format', fmt, '--salt', SALT, '--workers', '2')
+        assert 'converted 6' in r.stdout
+        meta = pd.read_csv(out/'metadata.csv')
+        for _, row in meta.iterrows():
+            x, want = read_converted(out/row.fname), dicom_pixels(tree/row.src)
+            if np.array_equal(want, np.round(want)): np.testing.assert_array_equal(x, want)
+            else: assert np.abs(x - want).max() <= 0.37/2 + 1e-3
+        assert tree_hash(tree) == before
+    r = run('convert', tree, tmp_path/'png16', '--salt', SALT)
+    assert 'converted 0, skipped 6' in r.stdout
+
+def test_convert_anonymize_and_anonymize_leave_no_phi(tmp_path):
+    tree = make_tree(tmp_path/'src'); before, phi = tree_hash(tree), phi_values(tree)
+    run('convert', tree, tmp_path/'png', '--anonymize', '--salt', SALT)
+    run('anonymize', tree, tmp_path/'dcm', '--salt', SALT)
+    assert tree_hash(tree) == before
+    assert len(list((tmp_path/'png').glob('*.png'))) == 6 and len(list((tmp_path/'dcm').rglob('*.dcm'))) == 6
+    assert leaks(tmp_path/'png', phi) == set()
+    assert leaks(tmp_path/'dcm', phi) == set()
+
+def test_salt_from_environment_not_in_output(tmp_path):
+    tree = make_tree(tmp_path/'src')
+    env = {**os.environ, 'FASTDCM_SALT': 'env-salt-123456'}
+    subprocess.run(FASTDCM + ['convert', str(tree), str(tmp_path/'a'), '--anonymize'], check=True, env=env, capture_output=True)
+    run('convert', tree, tmp_path/'b', '--anonymize', '--salt', 'env-salt-123456')
+    assert outputs(tmp_path/'a') == outputs(tmp_path/'b')
+    assert leaks(tmp_path/'a', {'env-salt-123456'}) == set()
+
+def test_corrupt_file_reported(tmp_path):
+    tree = make_tree(tmp_path/'src', corrupt=True); before = tree_hash(tree)
+    r = run('convert', tree, tmp_path/'out', '--salt', SALT, check=False)
+    assert r.returncode == 1
+    assert 'converted 6' in r.stdout and 'failed 1' in r.stdout and 'FAILED Doe_Jane/broken.dcm' in r.stdout
+    assert len(list((tmp_path/'out').rglob('*.png'))) == 6
+    r = run('anonymize', tree, tmp_path/'anon', '--salt', SALT, check=False)
+    assert r.returncode == 1 and 'anonymised 6' in r.stdout and 'failed 1' in r.stdout
+    assert 'BURNED-IN' in r.stdout
+    assert tree_hash(tree) == before
+
+def test_refuses_destination_inside_source(tmp_path):
+    tree = make_tree(tmp_path/'src'); before = tree_hash(tree)
+    for cmd in ['convert', 'anonymize']:
+        r = run(cmd, tree, tree/'out', check=False)
+        assert r.returncode == 1 and 'inside the source' in r.stderr
+    assert tree_hash(tree) == before
+
+def _big_tree(root, copies=12):
+    "make_tree's 6 files, copied into `copies` sub-folders: enough work to interrupt."
+    base = make_tree(root/'base')
+    src = root/'src'
+    for i in range(copies):
+        for f in base.rglob('*'):
+            if f.is_file():
+                d = src/f'batch{i:02d}'/f.relative_to(base); d.parent.mkdir(parents=True, exist_ok=True)
+                d.write_bytes(f.read_bytes())
+    return src
+
+@pytest.mark.parametrize('anonymize', [False, True])
+def test_interrupted_convert_resumes(tmp_path, anonymize):
+    src = _big_tree(tmp_path); n = len([f for f in src.rglob('*') if f.is_file()])
+    before = tree_hash(src)
+    flags = ['--salt', SALT, '--workers', '1', '--format', 'tiff16'] + (['--anonymize'] if anonymize else [])
+    run('convert', src, tmp_path/'full', *flags)
+    part = tmp_path/'part'
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    p = subprocess.Popen(FASTDCM + ['convert', str(src), str(part)] + flags, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 120 and p.poll() is None and len(list(part.rglob('*.tiff'))) < 3: time.sleep(0.005)
+    p.send_signal(signal.SIGKILL); p.wait()
+    done = len(list(part.rglob('*.tiff')))
+    assert 0 < done < n, f'{done} of {n} outputs when killed: could not interrupt mid-way'
+    assert not (part/'metadata.csv').exists()
+    r = run('convert', src, part, *flags)
+    assert f'converted {n - done}, skipped {done}' in r.stdout
+    assert outputs(part) == outputs(tmp_path/'full')            # same files, same bytes, no temporaries left
+    assert tree_hash(src) == before
+
+def test_demo_passes_arguments(tmp_path, monkeypatch, capsys):
+    "`fastdcm demo` hands its options to fastdcm.learner.run_demo and prints the metrics (in process, fake learner)."
+    from fastdcm import cli
+    calls = []
+    fake = types.ModuleType('fastdcm.learner')
+    fake.run_demo = lambda **kw: calls.append(kw) or {'accuracy': 0.9, 'valid_loss': 0.3}
+    monkeypatch.setitem(sys.modules, 'fastdcm.learner', fake)
+    assert cli.main(['demo', '--out', str(tmp_path/'d'), '--epochs', '2', '--seed', '7']) == 0
+    assert calls == [{'out': str(tmp_path/'d'), 'epochs': 2, 'seed': 7, 'pretrained': False}]
+    assert 'accuracy: 0.9' in capsys.readouterr().out
+    cli.main(['demo', '--pretrained'])
+    assert calls[-1] == {'out': 'demo_out', 'pretrained': True}
