@@ -27,3 +27,48 @@ def test_frame_selection():
     full = dicom_pixels(f)
     for i in (0, 7, 14): np.testing.assert_array_equal(dicom_pixels(f, frame=i), full[i])
     with pytest.raises(FrameIndexError, match='rtdose.dcm'): dicom_pixels(f, frame=15)
+
+def test_voi_lut_function_numpy_and_torch_agree():
+    import torch
+    x = np.linspace(-1500, 1500, 301, dtype=np.float32)
+    for fn in ('LINEAR', 'LINEAR_EXACT', 'SIGMOID'):
+        for c, w in ((40, 400), (-600, 1500), (0.5, 1), (10, 2.5)):
+            if fn != 'LINEAR' or w >= 1:
+                y = voi_lut_function(x, c, w, fn)
+                assert y.dtype == np.float32 and y.min() >= 0 and y.max() <= 1
+                np.testing.assert_allclose(voi_lut_function(torch.from_numpy(x), c, w, fn).numpy(), y, atol=1e-6)
+    # one window per channel, broadcast over a batch
+    t = torch.from_numpy(x[:300].reshape(1, 1, 10, 30)).expand(2, 3, 10, 30)
+    cs, ws = torch.tensor([-600., 40., 400.]).view(1, 3, 1, 1), torch.tensor([1500., 400., 1800.]).view(1, 3, 1, 1)
+    out = voi_lut_function(t, cs, ws, ymin=-1, ymax=1)
+    assert out.shape == (2, 3, 10, 30) and out.min() >= -1 and out.max() <= 1
+    np.testing.assert_allclose(out[1, 2].numpy(), voi_lut_function(x[:300].reshape(10, 30), 400, 1800)*2 - 1, atol=1e-5)
+    # integer input becomes float32
+    assert voi_lut_function(np.arange(5), 2, 3).dtype == np.float32
+
+def test_stage_and_window_arguments():
+    with pytest.raises(ValueError, match='stage'): dicom_pixels(CT, 'hounsfield')
+    f = get_testdata_file('examples_overlay.dcm')
+    ds = pydicom.dcmread(f)
+    assert [w[2] for w in header_windows(ds)] == ['WINDOW1', 'WINDOW2']
+    np.testing.assert_array_equal(dicom_pixels(f, 'display', window='Window2'), dicom_pixels(f, 'display', window=1))
+    mod = dicom_pixels(f)
+    np.testing.assert_allclose(dicom_pixels(f, 'display', window=(200, 443, 'sigmoid')), voi_lut_function(mod, 200, 443, 'SIGMOID'), atol=1e-6)
+    np.testing.assert_allclose(dicom_pixels(f, 'display', window=[200, 443]), voi_lut_function(mod, 200, 443), atol=1e-6)
+
+def test_colour_display_in_unit_range():
+    for n, shape in (('SC_rgb_rle_16bit.dcm', (100, 100, 3)), ('SC_rgb_rle_2frame.dcm', (2, 100, 100, 3)),
+                     ('examples_ybr_color.dcm', (30, 240, 320, 3)), ('examples_palette.dcm', (350, 800, 3))):
+        f = get_testdata_file(n)
+        d = dicom_pixels(f, 'display')
+        assert d.shape == shape and d.dtype == np.float32 and 0 <= d.min() and d.max() <= 1 and d.max() > 0.5, n
+    # colour is RGB (pydicom converts YBR): a YBR_FULL JPEG shows the same picture as the lossless RGB original
+    ref = dicom_pixels(get_testdata_file('SC_rgb_rle.dcm'), 'display')
+    ybr = dicom_pixels(get_testdata_file('SC_rgb_dcmtk_+eb+cy+n1.dcm'), 'display')
+    assert np.abs(ybr - ref).mean() < 0.03   # (left in YBR it would be ~0.36 away)
+    assert dicom_pixels(get_testdata_file('SC_rgb_rle_2frame.dcm'), frame=1).shape == (100, 100, 3)
+
+def test_n_frames():
+    assert n_frames(pydicom.dcmread(CT)) == 1 and n_frames(pydicom.dcmread(get_testdata_file('rtdose.dcm'))) == 15
+    ds = pydicom.Dataset(); ds.NumberOfFrames = 0
+    assert n_frames(ds) == 1
