@@ -72,3 +72,26 @@ def test_n_frames():
     assert n_frames(pydicom.dcmread(CT)) == 1 and n_frames(pydicom.dcmread(get_testdata_file('rtdose.dcm'))) == 15
     ds = pydicom.Dataset(); ds.NumberOfFrames = 0
     assert n_frames(ds) == 1
+
+from hypothesis import given, settings, strategies as st
+
+@settings(max_examples=200, deadline=None)
+@given(x=st.lists(st.floats(-5000, 5000, width=32), min_size=1, max_size=20),
+       c=st.floats(-3000, 3000), w=st.floats(1, 6000), fn=st.sampled_from(['LINEAR', 'LINEAR_EXACT', 'SIGMOID']))
+def test_voi_lut_function_matches_ps33_formulas(x, c, w, fn):
+    "PS3.3 C.11.2.1.2 written out case by case, in float64, against the vectorised float32 implementation."
+    x64 = np.array(x, np.float64)
+    if fn == 'LINEAR':
+        exp = np.array([0. if v <= c-0.5-(w-1)/2 else 1. if v > c-0.5+(w-1)/2 else (v-(c-0.5))/(w-1)+0.5 for v in x64])
+    elif fn == 'LINEAR_EXACT':
+        exp = np.array([0. if v <= c-w/2 else 1. if v > c+w/2 else (v-c)/w+0.5 for v in x64])
+    else: exp = 1/(1+np.exp(np.clip(-4*(x64-c)/w, -700, 700)))
+    got = voi_lut_function(np.array(x, np.float32), c, w, fn)
+    # float32 inputs: allow the error of one ulp of x (~3e-4 at 5000) through the slope 1/w, or a step at a boundary
+    tol = 1e-5 + 1e-3/max(w-1, 1e-3) if fn == 'LINEAR' else 1e-5 + 1e-3/w
+    near_edge = np.zeros(len(x), bool)
+    if fn != 'SIGMOID':
+        lo, hi = (c-0.5-(w-1)/2, c-0.5+(w-1)/2) if fn == 'LINEAR' else (c-w/2, c+w/2)
+        near_edge = (np.abs(x64-lo) < 1e-3) | (np.abs(x64-hi) < 1e-3)
+    assert (np.abs(got - exp)[~near_edge] <= tol).all()
+    assert got.min() >= 0 and got.max() <= 1
