@@ -92,6 +92,7 @@ def test_round_trip(tree, tmp_path, fmt):
     assert len(meta) == 6 and meta.patient_key.nunique() == 3
     for _, r in meta.iterrows():
         x, want = read_converted(tmp_path/'out'/r.fname), dicom_pixels(tree/r.src)
+        assert output_names(tree/r.src, tree, fmt) == [r.fname]
         assert x.dtype == np.float32 and x.shape == want.shape
         if np.array_equal(want, np.round(want)): np.testing.assert_array_equal(x, want)     # integer HU: exact
         else:
@@ -121,6 +122,8 @@ def test_convert_anonymized_has_no_phi(tree, tmp_path):
     meta = pd.read_csv(tmp_path/'out'/'metadata.csv')
     assert 'src' not in meta and meta.patient_key.nunique() == 3
     assert all(Path(f).name.startswith(k) for f, k in zip(meta.fname, meta.patient_key))
+    named = {n for f in tree.rglob('IM*') for n in output_names(f, tree, 'png16', anonymize=True, salt=SALT)}
+    assert named == set(meta.fname)
     # same salt -> same names and keys in another run; another salt -> different ones
     convert(tree, tmp_path/'again', 'png16', anonymize=True, salt=SALT, progress=False)
     assert outputs(tmp_path/'again') == outputs(tmp_path/'out')
