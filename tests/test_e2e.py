@@ -1,0 +1,102 @@
+"Acceptance: mixed synthetic DICOMs -> DicomDataLoaders -> batches equal to dicom_pixels / the PS3.3 LINEAR window."
+import warnings
+import numpy as np, pandas as pd, pytest, torch
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+import pydicom
+from fastdcm.pixels import dicom_pixels
+from fastdcm.synth import synth_dicom
+from fastdcm.transforms import TensorDicom, DicomResize
+from fastdcm.data import DicomDataLoaders, check_leakage
+
+SIZE = 48
+# (modality, photometric, bits stored, signed, slope, intercept); slope None: the Rescale tags are removed
+SPECS = [('CT', 'MONOCHROME2', 16, True, 1., -1024.),
+         ('CR', 'MONOCHROME1', 12, False, 1., 0.),
+         ('DX', 'MONOCHROME2', 8, False, None, None),
+         ('CT', 'MONOCHROME1', 16, True, 2., -100.),
+         ('MR', 'MONOCHROME2', 12, True, 0.5, 10.),
+         ('DX', 'MONOCHROME1', 8, False, None, None),
+         ('CR', 'MONOCHROME2', 16, False, 1., 0.),
+         ('CT', 'MONOCHROME2', 12, True, 1., -1024.)]
+
+def linear_by_hand(x, c, w):
+    "PS3.3 C.11.2.1.2.1 LINEAR, output range [0,1], written from the standard's text."
+    x = np.asarray(x, dtype=np.float64)
+    y = (x - (c - 0.5)) / (w - 1) + 0.5
+    y[x <= c - 0.5 - (w - 1) / 2] = 0.
+    y[x > c - 0.5 + (w - 1) / 2] = 1.
+    return y
+
+@pytest.fixture(scope='module')
+def df(tmp_path_factory):
+    d = tmp_path_factory.mktemp('e2e')
+    rows = []
+    for i,(mod, pi, bits, signed, slope, icpt) in enumerate(SPECS * 2):
+        pid = f'P{i % 6}'
+        fn = synth_dicom(d/pid/f'im{i}.dcm', modality=mod, photometric=pi, bits_stored=bits, signed=signed,
+                         slope=1. if slope is None else slope, intercept=0. if icpt is None else icpt, rescale=slope is not None,
+                         patient_id=pid, size=SIZE, seed=i, finding=bool(i % 2))
+        if slope is None:
+            ds = pydicom.dcmread(fn)
+            for kw in ('RescaleSlope', 'RescaleIntercept', 'RescaleType'):
+                if kw in ds: delattr(ds, kw)
+            ds.save_as(fn)
+        rows.append(dict(fname=str(fn), PatientID=pid, label='finding' if i % 2 else 'normal', spec=i % len(SPECS)))
+    return pd.DataFrame(rows)
+
+def _files_are_mixed(df):
+    hdr = [pydicom.dcmread(f, stop_before_pixels=True) for f in df.fname]
+    assert {h.PhotometricInterpretation for h in hdr} == {'MONOCHROME1', 'MONOCHROME2'}
+    assert {int(h.BitsStored) for h in hdr} == {8, 12, 16}
+    assert {int(h.PixelRepresentation) for h in hdr} == {0, 1}
+    assert any('RescaleSlope' not in h for h in hdr)
+    assert {float(h.RescaleSlope) for h in hdr if 'RescaleSlope' in h} == {0.5, 1., 2.}
+
+def _valid_batch(dls):
+    "The whole validation set as one batch, in item order (no shuffle, no augmentation)."
+    dl = dls.valid.new(bs=len(dls.valid_ds), shuffle=False, drop_last=False)
+    return dl.one_batch(), dl.items
+
+def test_batch_equals_dicom_pixels(df):
+    _files_are_mixed(df)
+    dls = DicomDataLoaders.from_df(df, seed=0, bs=4, item_tfms=DicomResize(SIZE), num_workers=0)
+    assert check_leakage(dls).empty
+    x, y = dls.one_batch()
+    assert type(x) is TensorDicom and x.dtype == torch.float32 and x.shape == (4, 1, SIZE, SIZE)
+    (xv, yv), items = _valid_batch(dls)
+    assert len(items) >= 2
+    for i, fn in enumerate(items.fname):
+        ref = dicom_pixels(fn)                                   # modality values, what the model should see
+        np.testing.assert_allclose(xv[i, 0].cpu().numpy(), ref, rtol=1e-6, atol=1e-4)
+    # and the label decodes back to the row's label
+    assert [dls.vocab[int(o)] for o in yv] == list(items.label)
+
+def test_windows_follow_ps33_linear(df):
+    wins = ['brain', (40, 400), (300, 1500)]
+    from fastdcm.augment import dicom_windows
+    centers_widths = [dicom_windows['brain'], (40, 400), (300, 1500)]
+    dls = DicomDataLoaders.from_df(df, seed=0, bs=4, windows=wins, item_tfms=DicomResize(SIZE), num_workers=0)
+    (xv, _), items = _valid_batch(dls)
+    assert type(xv) is TensorDicom and xv.shape == (len(items), 3, SIZE, SIZE)
+    for i, fn in enumerate(items.fname):
+        ref = dicom_pixels(fn)
+        for k, (c, w) in enumerate(centers_widths):
+            np.testing.assert_allclose(xv[i, k].cpu().numpy(), linear_by_hand(ref, c, w), atol=1e-5)
+
+def test_show_batch_draws_a_figure(df):
+    dls = DicomDataLoaders.from_df(df, seed=0, bs=4, windows=['auto'], item_tfms=DicomResize(SIZE), num_workers=0)
+    plt.close('all')
+    dls.show_batch(max_n=4, figsize=(6, 2))
+    fig = plt.gcf()
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 4
+    arr = shown[0].images[0].get_array()
+    assert arr.shape[-2:] == (SIZE, SIZE) and float(np.ptp(arr)) > 0   # a real picture, not a blank
+    plt.close('all')
+
+def test_split_is_by_patient(df):
+    for seed in range(5):
+        dls = DicomDataLoaders.from_df(df, seed=seed, valid_pct=0.3, bs=4, item_tfms=DicomResize(SIZE), num_workers=0)
+        assert not set(dls.train.items.PatientID) & set(dls.valid.items.PatientID)
