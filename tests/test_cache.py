@@ -95,3 +95,13 @@ def test_pickle_and_clear(tmp_path):
 def test_no_fastai_import():
     code = "import sys, fastdcm.cache; assert 'fastai' not in sys.modules, 'cache imported fastai'"
     subprocess.run([sys.executable, '-c', code], check=True)
+
+def test_open_dicom_with_cache(tmp_path):
+    "DicomBlock / open_dicom take the cache as their decoder and give the same tensors."
+    transforms = pytest.importorskip('fastdcm.transforms')
+    cache = DecodeCache(tmp_path)
+    for name in ['CT_small.dcm', 'MR_small_jp2klossless.dcm']:
+        f = get_testdata_file(name)
+        want = transforms.open_dicom(f)
+        for _ in range(2): assert (transforms.open_dicom(f, cache=cache) == want).all()
+    assert (cache.hits, cache.misses) == (2, 2)

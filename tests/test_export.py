@@ -108,7 +108,9 @@ def test_display_stage_and_multiframe(tmp_path):
     np.testing.assert_array_equal(read_converted(tmp_path/'png'/'rgb_f0001.png'), dicom_pixels(src/'rgb.dcm', frame=1))
     convert(src, tmp_path/'tif', 'tiff16', progress=False)
     np.testing.assert_array_equal(read_converted(tmp_path/'tif'/'rgb.tiff'), dicom_pixels(src/'rgb.dcm'))
-    convert(src, tmp_path/'disp', 'png16', stage='display', progress=False)
+    res = convert(src, tmp_path/'disp', 'png16', stage='display', progress=False)
+    assert res['done'] == 2 and not res['failed']
+    np.testing.assert_allclose(read_converted(tmp_path/'disp'/'rgb_f0000.png'), dicom_pixels(src/'rgb.dcm', stage='display', frame=0), atol=1e-6)
     d = dicom_pixels(src/'ct.dcm', stage='display')
     assert np.abs(read_converted(tmp_path/'disp'/'ct.png') - d).max() <= 0.5 / 65535 + 1e-7
 
@@ -183,6 +185,15 @@ def test_never_writes_inside_source(tree, tmp_path):
         with pytest.raises(ValueError, match='inside the source'): convert(tree, dst, progress=False)
         with pytest.raises(ValueError, match='inside the source'): anonymize(tree, dst, progress=False)
     assert tree_hash(tree) == before
+
+def test_refuses_to_mix_settings(tree, tmp_path):
+    convert(tree, tmp_path/'out', 'png16', anonymize=True, salt=SALT, progress=False)
+    for kw in [dict(format='tiff16'), dict(stage='display'), dict(anonymize=False), dict(salt='other')]:
+        args = dict(format='png16', anonymize=True, salt=SALT) | kw
+        with pytest.raises(ValueError, match='other settings'): convert(tree, tmp_path/'out', progress=False, **args)
+    anonymize(tree, tmp_path/'anon', salt=SALT, progress=False)
+    with pytest.raises(ValueError, match='other settings'): anonymize(tree, tmp_path/'anon', salt='other', progress=False)
+    assert convert(tree, tmp_path/'out', 'png16', anonymize=True, salt=SALT, progress=False)['skipped'] == 6
 
 def test_salt_from_environment(tree, tmp_path, monkeypatch):
     monkeypatch.setenv('FASTDCM_SALT', SALT)
