@@ -1,0 +1,80 @@
+"""Batch windowing + augmentation vs the same work per item, on CPU (or --device cuda).
+
+Workload: 64 CT slices of 512 x 512 in HU -> 3 windows (brain, subdural, bone) + augmentation
+(flip, rotate, zoom, warp; brightness/contrast after the windows).
+
+- batch  : fastdcm, one call on the (64, 1, 512, 512) batch: geometry on the modality values, then `Window`
+           (PS3.3 LINEAR) -> 3 channels, then lighting.
+- item/fastai.medical (the anchor): per item, fastai.medical.imaging's `Tensor.windowed` for each window (the
+           classic per-item to_nchan path), stacked to 3 channels, then the same augmentation on that item.
+- item/fastdcm: the fastdcm transforms themselves, called once per item (batch of 1): isolates what batching buys.
+
+Each figure is the best of `--repeats` runs, all measured in this one run. Prints seconds and ratios.
+Run: python bench/batch_tfms.py [--n 64] [--size 512] [--repeats 3] [--device cpu]
+"""
+import argparse, time, warnings
+import torch
+import torch.nn.functional as F
+warnings.filterwarnings('ignore')
+from fastai.vision.all import Pipeline, aug_transforms, Brightness, Contrast
+import fastai.medical.imaging  # patches Tensor.windowed (the anchor)
+from fastdcm.transforms import TensorDicom
+from fastdcm.augment import Window, dicom_windows
+
+def make_batch(n, size, device):
+    "Smooth CT-like slices in HU: air, a body ellipse with soft tissue, bone ring, noise."
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing='ij')
+    out = torch.empty(n, 1, size, size)
+    for i in range(n):
+        a, b = 0.7 + 0.2*torch.rand(1, generator=g), 0.5 + 0.2*torch.rand(1, generator=g)
+        r = (xx/a)**2 + (yy/b)**2
+        img = torch.where(r < 1, 40., -1000.) + torch.where((r > 0.3) & (r < 0.4), 900., 0.)
+        out[i, 0] = img + 20*torch.randn(size, size, generator=g)
+    return TensorDicom(out.to(device))
+
+def aug(size):
+    return aug_transforms(max_rotate=15, max_zoom=1.2, max_warp=0.2, max_lighting=0.2, p_affine=1., p_lighting=1., size=size)
+
+def timeit(f, repeats, device):
+    best = float('inf')
+    for _ in range(repeats):
+        if device == 'cuda': torch.cuda.synchronize()
+        t0 = time.perf_counter(); f()
+        if device == 'cuda': torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--n', type=int, default=64); p.add_argument('--size', type=int, default=512)
+    p.add_argument('--repeats', type=int, default=3); p.add_argument('--device', default='cpu')
+    a = p.parse_args()
+    names = ['brain', 'subdural', 'bone']
+    wins = [dicom_windows[o] for o in names]
+    x = make_batch(a.n, a.size, a.device)
+
+    batch_pipe = Pipeline([*aug(a.size), Window(names)], split_idx=0)   # sorted by order: geometry, Window, lighting
+    def batch(): return batch_pipe(x)
+
+    item_pipe = Pipeline(aug(a.size), split_idx=0)                        # same augmentation, on 3-channel items
+    def item_fastai_medical():
+        for i in range(a.n):
+            px = x[i, 0].as_subclass(torch.Tensor)
+            w3 = torch.stack([px.windowed(w, c) for c, w in wins])        # fastai.medical: windowed(w, l)
+            item_pipe(TensorDicom(w3[None], windows=names))
+
+    def item_fastdcm():
+        for i in range(a.n): batch_pipe(x[i:i+1])
+
+    out = batch()
+    assert out.shape == (a.n, 3, a.size, a.size)
+    t_batch = timeit(batch, a.repeats, a.device)
+    t_fm = timeit(item_fastai_medical, a.repeats, a.device)
+    t_fd = timeit(item_fastdcm, a.repeats, a.device)
+    print(f'device={a.device} threads={torch.get_num_threads()} batch={a.n}x{a.size}x{a.size}, 3 windows + flip/rotate/zoom/warp + lighting')
+    print(f'batch (fastdcm, one call)          : {t_batch:7.3f} s')
+    print(f'per item, fastai.medical windowed  : {t_fm:7.3f} s   ratio {t_fm/t_batch:5.2f}x  (anchor)')
+    print(f'per item, fastdcm transforms       : {t_fd:7.3f} s   ratio {t_fd/t_batch:5.2f}x')
+
+if __name__ == '__main__': main()

@@ -1,0 +1,164 @@
+"""Tests for fastdcm.augment: windows vs the PS3.3 formula, RandomWindow on training only, masks untouched and aligned,
+no [0,1] clamp before windowing, full-depth equalisation, device-agnostic (cpu, and cuda when present)."""
+import warnings
+import numpy as np, pandas as pd, pytest, torch
+from pydicom.data import get_testdata_file
+from fastai.vision.all import (DataBlock, CategoryBlock, MaskBlock, ColReader, RandomSplitter, TensorMask, TensorPoint,
+                               PILMask, Pipeline, Brightness, Contrast)
+from fastdcm.transforms import TensorDicom, open_dicom, DicomBlock, DicomResize
+from fastdcm.augment import *
+from fastdcm.augment import plane_percentiles, _hist_eq
+
+CT = get_testdata_file('CT_small.dcm')
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+def linear(x, c, w):
+    "PS3.3 C.11.2.1.2.1 LINEAR, output [0,1], written from the standard."
+    x = np.asarray(x, np.float64)
+    y = (x - (c - 0.5)) / (w - 1) + 0.5
+    y = np.where(x <= c - 0.5 - (w-1)/2, 0., y)
+    return np.where(x > c - 0.5 + (w-1)/2, 1., y)
+
+@pytest.fixture
+def batch():
+    ct = open_dicom(CT)
+    return TensorDicom(torch.stack([ct, ct.flip(-1), ct.transpose(-1,-2), ct*0.5]))
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_three_windows_equal_formula(batch, device):
+    rng = np.random.default_rng(0)
+    wins = ['lungs', (float(rng.uniform(-100, 300)), float(rng.uniform(1, 600))), 'bone']
+    out = Window(wins)(batch.to(device))
+    assert out.device.type == device and type(out) is TensorDicom and out.shape == (4,3,128,128)
+    specs = [dicom_windows['lungs'], wins[1], dicom_windows['bone']]
+    x = batch[:,0].numpy()
+    for i,(c,w) in enumerate(specs):
+        np.testing.assert_allclose(out[:,i].cpu().numpy(), linear(x, c, w), atol=1e-5)
+
+def test_window_width_one_and_bad_specs():
+    with pytest.raises(ValueError, match='>= 1'): Window([(0, 0.5)])
+    with pytest.raises(ValueError, match='>= 1'): Window((0, 0.5))
+    with pytest.raises(ValueError, match='unknown window'): Window('lung')
+    x = TensorDicom(torch.tensor([[[-1., 0., 1.]]]))
+    np.testing.assert_allclose(Window([(0.5, 2)])(x)[0,0].numpy(), linear([-1,0,1], 0.5, 2))
+    np.testing.assert_allclose(Window([(0.5, 1)])(x)[0,0].numpy(), [0., 0., 1.])   # w = 1: a step at c - 0.5
+
+def test_frames_as_channels_window_major():
+    x = TensorDicom(torch.randn(2, 3, 8, 8)*500)
+    out = Window(['brain','bone'])(x)
+    assert out.shape == (2, 6, 8, 8)
+    np.testing.assert_allclose(out[:,4].numpy(), linear(x[:,1].numpy(), *dicom_windows['bone']), atol=1e-5)
+
+def test_auto_window_excludes_padding(batch):
+    padded = batch.clone(); padded[:, :, :20] = -5000.
+    a, b = Window('auto')(batch), Window('auto')(padded)
+    torch.testing.assert_close(a[:, :, 20:], b[:, :, 20:], atol=0.03, rtol=0)
+    assert b[:, :, :20].max() == 0
+    # the window really spans the 0.5-99.5 percentiles of the image
+    lo, hi = np.percentile(batch[0,0].numpy()[batch[0,0].numpy() > batch[0,0].numpy().min()], [0.5, 99.5])
+    plo, phi = plane_percentiles(batch[:1], (0.5, 99.5))[0,0].tolist()
+    assert abs(plo-lo) < 5 and abs(phi-hi) < 5
+
+def test_random_window_only_in_training(batch):
+    rw = RandomWindow(['brain', 'auto'], max_center=0.3, max_width=0.3)
+    ref = Window(['brain', 'auto'])(batch)
+    assert torch.equal(rw(batch, split_idx=1), ref)
+    torch.manual_seed(0)
+    tr = rw(batch, split_idx=0)
+    assert not torch.allclose(tr, ref)
+    # per item: different items get different jitters
+    d = (tr - ref).abs().flatten(1).mean(1)
+    assert len(set(np.round(d.numpy(), 6))) > 1
+
+def _seg_dls(tmp_path, batch_tfms, n=8):
+    ct = open_dicom(CT)[0].numpy()
+    rows = []
+    for i in range(n):
+        fn = tmp_path/f'c{i}.dcm'; fn.write_bytes(open(CT,'rb').read())
+        PILMask.create((ct > 200).astype(np.uint8)).save(tmp_path/f'm{i}.png')
+        rows.append(dict(fname=str(fn), mask=str(tmp_path/f'm{i}.png'), label='ab'[i%2]))
+    db = DataBlock(blocks=(DicomBlock(), MaskBlock(['bg','bone'])), get_x=ColReader('fname'), get_y=ColReader('mask'),
+                   splitter=RandomSplitter(0.25, seed=0), item_tfms=DicomResize(64), batch_tfms=batch_tfms)
+    return db.dataloaders(pd.DataFrame(rows), bs=4, num_workers=0)
+
+def test_random_window_in_dataloaders(tmp_path):
+    dls = _seg_dls(tmp_path, [RandomWindow('soft_tissue', max_center=0.3, max_width=0.3)])
+    torch.manual_seed(0)
+    xt, _ = dls.train.one_batch()
+    xv, _ = dls.valid.one_batch()
+    raw = dls.valid.new(after_batch=[]).one_batch()[0]
+    torch.testing.assert_close(xv, Window('soft_tissue')(raw))     # validation: the exact window
+    rt = dls.train.new(after_batch=[], shuffle=False).one_batch()[0]
+    assert xt.shape[1:] == xv.shape[1:] and xt.windows == ['soft_tissue']
+    # all files hold the same image, so without jitter the training batch would equal the plain window
+    assert not torch.allclose(xt, Window('soft_tissue')(rt))
+
+def test_intensity_transforms_leave_masks_and_points(batch):
+    m = TensorMask(torch.randint(0, 3, (4,128,128)))
+    p = TensorPoint(torch.rand(4,5,2)*2-1)
+    for t in [Window(['brain','auto','histeq']), RandomWindow('bone'), ModalityJitter(p=1.), ModalityNoise(p=1.),
+              DicomHistEq(), DicomCLAHE()]:
+        x2, m2, p2 = t((batch, m, p), split_idx=0)
+        assert torch.equal(m2, m) and type(m2) is TensorMask and torch.equal(p2, p)
+        assert not torch.equal(x2, batch)
+
+def test_no_unit_clamp_before_windowing(batch):
+    tfms = dicom_aug_transforms(max_lighting=0.5, p_lighting=1., p_intensity=1., p_affine=1.)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        out = Pipeline(tfms, split_idx=0)(batch.clone())
+    assert type(out) is TensorDicom
+    assert out.max() > 1000 and out.min() < -500                     # still HU: nothing clamped to [0,1]
+    # modality augmentations alone: small relative change, same range
+    for t in [ModalityJitter(p=1.), ModalityNoise(p=1.)]:
+        y = t(batch, split_idx=0)
+        assert y.max() > 1000 and (y - batch).abs().mean() < 0.25*batch.std()
+
+def test_lighting_after_window(batch):
+    tfms = dicom_aug_transforms(['brain','bone'], max_lighting=0.5, p_lighting=1., max_noise=0, max_scale=0, max_shift=0)
+    orders = [t.order for t in tfms]
+    assert orders == sorted(orders)
+    win = next(t for t in tfms if isinstance(t, RandomWindow))
+    lit = next(t for t in tfms if isinstance(t, (Brightness, Contrast)))
+    assert win.order < lit.order
+    torch.manual_seed(0)
+    out = Pipeline(tfms, split_idx=0)(batch.clone())
+    assert out.shape == (4,2,128,128) and 0 <= out.min() and out.max() <= 1
+
+def test_geometry_aligns_image_and_mask(tmp_path):
+    torch.manual_seed(0)
+    tfms = dicom_aug_transforms(['bone'], max_rotate=45, max_zoom=1.5, p_affine=1., max_lighting=0,
+                                max_center=0, max_width=0, max_noise=0, max_scale=0, max_shift=0)
+    dls = _seg_dls(tmp_path, tfms)
+    x, m = dls.train.one_batch()
+    assert type(x) is TensorDicom and type(m) is TensorMask
+    raw_x, raw_m = dls.train.new(after_batch=[], shuffle=False).one_batch()
+    assert not torch.equal(m, raw_m)                                  # the mask moved...
+    # ...with the image: 'bone' pixels of the transformed image are the transformed mask
+    bone = Window('bone')(DicomResize(64)(open_dicom(CT), split_idx=1)[None])
+    thr = float(linear(np.array([200.]), *dicom_windows['bone'])[0])
+    agree = ((x[:,0] > thr) == m.bool()).float().mean()
+    assert agree > 0.95, agree
+
+def test_hist_eq_full_depth():
+    x = TensorDicom(torch.arange(1, 4097.).view(1,1,64,64) * 0.25)   # 4096 levels in a 1024-wide range
+    y = DicomHistEq()(x)
+    assert len(y.unique()) >= 4095                                    # 256-bin equalisation would give <= 256
+    assert 0 <= y.min() and y.max() <= 1
+    # padding (the minimum) -> 0 and excluded: adding a padding band doesn't change the rest
+    xp = x.clone(); xp[..., :4, :] = -3000.
+    yp = DicomHistEq()(xp)
+    assert yp[..., :4, :].max() == 0
+    assert yp[..., 4:, :].min() >= 0 and abs(float(yp[..., 4:, :].mean()) - 0.5) < 0.02
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_device_agnostic(batch, device):
+    xb = batch.to(device)
+    m = TensorMask(torch.zeros(4,128,128, dtype=torch.long)).to(device)
+    tfms = dicom_aug_transforms(['lungs','auto','histeq'], equalize='clahe', p_affine=1., p_intensity=1.)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        x, mm = Pipeline(tfms, split_idx=0)((xb, m))
+    assert x.device.type == device and mm.device.type == device and x.shape == (4,3,128,128)
+    for t in [DicomCLAHE(), DicomHistEq(), Window('auto')]:
+        assert t(xb).device.type == device
