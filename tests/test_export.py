@@ -195,6 +195,14 @@ def test_refuses_to_mix_settings(tree, tmp_path):
     with pytest.raises(ValueError, match='other settings'): anonymize(tree, tmp_path/'anon', salt='other', progress=False)
     assert convert(tree, tmp_path/'out', 'png16', anonymize=True, salt=SALT, progress=False)['skipped'] == 6
 
+def test_single_file(tree, tmp_path):
+    f = tree/'Doe_Jane'/'study1'/'IM0001'; before = tree_hash(tree)
+    res = convert(f, tree.parent/'one', 'npy', progress=False)      # a sibling of the file's folder is fine
+    assert res['done'] == 1 and (tree.parent/'one'/'IM0001.npy').exists()
+    np.testing.assert_array_equal(read_converted(tree.parent/'one'/'IM0001.npy'), dicom_pixels(f))
+    with pytest.raises(ValueError, match='inside the source'): convert(tree/'Doe_Jane', tree/'Doe_Jane'/'study1'/'x', progress=False)
+    assert tree_hash(tree) == before
+
 def test_salt_from_environment(tree, tmp_path, monkeypatch):
     monkeypatch.setenv('FASTDCM_SALT', SALT)
     convert(tree, tmp_path/'a', 'npy', anonymize=True, progress=False)
