@@ -249,3 +249,36 @@ def test_neighbour_stack_and_slice_table(oblique):
     st = slice_table(path, k=1, progress=False)
     assert [Path(f) for f in st.fname] == [Path(f) for f in truth]
     assert st.fnames[5] == tuple(str(truth[i]) for i in (4, 5, 6))
+
+def test_quick_header_matches_pydicom(tmp_path):
+    "The quick header scanner skips sequences (defined/undefined length, nested), reads implicit VR, else defers."
+    from fastdcm.volume import _quick_header, _record_from_quick, _records_from_dataset
+    from pydicom.uid import ImplicitVRLittleEndian
+    f = synth_ct_series(tmp_path/'s', n_slices=3, size=16, seed=11)[0]
+    ds = pydicom.dcmread(f)
+    inner = Dataset(); inner.CodeValue = 'X'; inner.CodeMeaning = 'nested'
+    item = Dataset(); item.ReferencedSOPInstanceUID = generate_uid(); item.PurposeOfReferenceCodeSequence = Sequence([inner])
+    ds.ReferencedImageSequence = Sequence([item, item])
+    ds.SeriesDescription = 'with sequences'
+    cases = {}
+    for name, ts, undefined in [('expl_undef', ExplicitVRLittleEndian, True), ('expl_def', ExplicitVRLittleEndian, False),
+                                ('impl_undef', ImplicitVRLittleEndian, True)]:
+        ds['ReferencedImageSequence'].is_undefined_length = undefined
+        for it in ds.ReferencedImageSequence:
+            it.is_undefined_length_sequence_item = undefined
+            it['PurposeOfReferenceCodeSequence'].is_undefined_length = undefined
+        ds.file_meta.TransferSyntaxUID = ts
+        fn = tmp_path/name
+        ds.save_as(fn, enforce_file_format=True)
+        assert (fn.read_bytes().count(b'\xfe\xff\xdd\xe0') == 3) == undefined   # sequence delimiters written
+        q = _quick_header(fn)
+        assert q is not None, name
+        quick, slow = _record_from_quick(fn, q), _records_from_dataset(fn, pydicom.dcmread(fn, stop_before_pixels=True))[0]
+        assert quick == slow, name
+        assert quick['SeriesDescription'] == 'with sequences' and quick['rows'] == 16 and quick['position'] is not None
+    ds.PatientID = 'Müller'; ds.SpecificCharacterSet = 'ISO_IR 100'; ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(tmp_path/'latin1', enforce_file_format=True)
+    assert _quick_header(tmp_path/'latin1') is None          # non-ASCII text: pydicom decodes it
+    assert slice_records(tmp_path/'latin1')[0]['PatientID'] == 'Müller'
+    (tmp_path/'cut').write_bytes((tmp_path/'expl_def').read_bytes()[:400])
+    assert _quick_header(tmp_path/'cut') is None             # header cut short: deferred to pydicom
