@@ -163,3 +163,10 @@ def test_demo_passes_arguments(tmp_path, monkeypatch, capsys):
     assert 'accuracy: 0.9' in capsys.readouterr().out
     cli.main(['demo', '--pretrained'])
     assert calls[-1] == {'out': 'demo_out', 'pretrained': True}
+
+def test_demo_real(tmp_path):
+    "The real `fastdcm demo`, as small as it goes (needs fastdcm.learner; no network: pretrained stays off)."
+    pytest.importorskip('fastdcm.learner')
+    r = run('demo', '--out', tmp_path/'demo', '--epochs', '1', '--n-patients', '8', '--seed', '1')
+    assert 'accuracy:' in r.stdout and 'n_leaking_patients: 0' in r.stdout
+    assert (tmp_path/'demo'/'show_batch.png').exists()
