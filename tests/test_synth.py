@@ -343,3 +343,14 @@ def test_two_series_in_one_folder_do_not_collide(tmp_path):
     b = synth_ct_series(tmp_path, n_slices=5, size=16, patient_id='PB')
     assert not set(a) & set(b) and len(list(tmp_path.iterdir())) == 10
     assert pydicom.dcmread(a[0]).SeriesInstanceUID != pydicom.dcmread(b[0]).SeriesInstanceUID
+
+
+@pytest.mark.parametrize('modality', ['CR', 'MR'])
+def test_rescale_written_when_asked(tmp_path, modality):
+    assert 'RescaleSlope' not in pydicom.dcmread(synth_dicom(tmp_path/'a.dcm', modality=modality, size=16))
+    fn, v = synth_dicom(tmp_path/'b.dcm', modality=modality, size=16, slope=0.5, intercept=10., return_values=True)
+    ds = pydicom.dcmread(fn)
+    assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (0.5, 10.)
+    np.testing.assert_array_equal(v['modality'], ds.pixel_array*0.5 + 10.)
+    ds = pydicom.dcmread(synth_dicom(tmp_path/'c.dcm', modality=modality, size=16, rescale=True))
+    assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1., -1024.)
