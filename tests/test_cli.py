@@ -17,6 +17,12 @@ def run(*args, check=True, **kw):
     if check and r.returncode != 0: raise AssertionError(f'exit {r.returncode}\n{r.stdout}\n{r.stderr}')
     return r
 
+@pytest.fixture(autouse=True)
+def _own_config(tmp_path, monkeypatch):
+    "A default salt, when a test needs one, goes to a temporary config folder, not the user's ~/.config."
+    monkeypatch.setenv('XDG_CONFIG_HOME', str(tmp_path/'config'))
+    monkeypatch.delenv('FASTDCM_SALT', raising=False)
+
 @pytest.mark.parametrize('cmd', ['index', 'info', 'show', 'convert', 'anonymize', 'demo'])
 def test_help(cmd):
     r = run(cmd, '--help')

@@ -79,6 +79,12 @@ def tree_hash(root):
 def outputs(out):
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob('*')) if p.is_file()}
 
+@pytest.fixture(autouse=True)
+def _own_config(tmp_path, monkeypatch):
+    "A default salt, when a test needs one, goes to a temporary config folder, not the user's ~/.config."
+    monkeypatch.setenv('XDG_CONFIG_HOME', str(tmp_path/'config'))
+    monkeypatch.delenv('FASTDCM_SALT', raising=False)
+
 @pytest.fixture
 def tree(tmp_path): return make_tree(tmp_path/'src')
 
