@@ -6,7 +6,8 @@ Workload: 64 CT slices of 512 x 512 in HU -> 3 windows (brain, subdural, bone) +
 - batch  : fastdcm, one call on the (64, 1, 512, 512) batch: geometry on the modality values, then `Window`
            (PS3.3 LINEAR) -> 3 channels, then lighting.
 - item/fastai.medical (the anchor): per item, fastai.medical.imaging's `Tensor.windowed` for each window (the
-           classic per-item to_nchan path), stacked to 3 channels, then the same augmentation on that item.
+           classic per-item to_nchan path), stacked to a 3-channel TensorCTScan, then the same augmentation on
+           that item (fastai's own lighting code).
 - item/fastdcm: the fastdcm transforms themselves, called once per item (batch of 1): isolates what batching buys.
 
 Each figure is the best of `--repeats` runs, all measured in this one run. Prints seconds and ratios.
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 warnings.filterwarnings('ignore')
 from fastai.vision.all import Pipeline, aug_transforms, Brightness, Contrast
-import fastai.medical.imaging  # patches Tensor.windowed (the anchor)
+from fastai.medical.imaging import TensorCTScan  # and patches Tensor.windowed (the anchor)
 from fastdcm.transforms import TensorDicom
 from fastdcm.augment import Window, dicom_windows
 
@@ -62,7 +63,7 @@ def main():
         for i in range(a.n):
             px = x[i, 0].as_subclass(torch.Tensor)
             w3 = torch.stack([px.windowed(w, c) for c, w in wins])        # fastai.medical: windowed(w, l)
-            item_pipe(TensorDicom(w3[None], windows=names))
+            item_pipe(TensorCTScan(w3[None]))                              # fastai.medical's to_nchan type
 
     def item_fastdcm():
         for i in range(a.n): batch_pipe(x[i:i+1])
