@@ -287,6 +287,8 @@ def test_ct_series_anatomy_varies_and_is_realistic(tmp_path):
     assert hu.min() >= -1024 and (hu < -900).any() and (hu > 600).any()
     assert ((hu > 20) & (hu < 80)).mean() > 0.2                        # plenty of soft tissue
     assert all(not np.array_equal(t.hu[k], t.hu[k + 1]) for k in range(15))
+    np.testing.assert_array_equal(synth_ct_volume(n_slices=16, size=64).hu, t.hu)   # the truth helper agrees
+    np.testing.assert_array_equal(t.slice_hu(5), t.hu[5])
 
 
 def test_ct_series_drop_duplicate_tilt(tmp_path):
