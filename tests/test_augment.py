@@ -162,3 +162,13 @@ def test_device_agnostic(batch, device):
     assert x.device.type == device and mm.device.type == device and x.shape == (4,3,128,128)
     for t in [DicomCLAHE(), DicomHistEq(), Window('auto')]:
         assert t(xb).device.type == device
+
+from hypothesis import given, settings, strategies as st
+
+@settings(max_examples=40, deadline=None)
+@given(c=st.floats(-2000, 3000), w=st.floats(1.001, 5000), seed=st.integers(0, 2**16))
+def test_window_formula_property(c, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = TensorDicom(torch.randn(2, 1, 16, 16, generator=g)*1500 + c)
+    out = Window([(c, w)])(x)
+    np.testing.assert_allclose(out[:,0].numpy(), linear(x[:,0].numpy(), c, w), atol=2e-5)

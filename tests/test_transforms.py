@@ -166,3 +166,9 @@ def test_show_batch_and_results(files, tmp_path):
         lbl, idx, probs = learn.predict(str(files[0]))
     assert lbl in ('a','b') and len(probs) == 2
     plt.close('all')
+
+def test_rgb_show_and_meta():
+    t = open_dicom(get_testdata_file('SC_rgb_rle_2frame.dcm'), frame=0)
+    assert t.rgb and t.shape[0] == 3
+    assert t.show().get_images()[0].get_array().shape == (100, 100, 3)
+    plt.close('all')
