@@ -282,3 +282,39 @@ def test_quick_header_matches_pydicom(tmp_path):
     assert slice_records(tmp_path/'latin1')[0]['PatientID'] == 'Müller'
     (tmp_path/'cut').write_bytes((tmp_path/'expl_def').read_bytes()[:400])
     assert _quick_header(tmp_path/'cut') is None             # header cut short: deferred to pydicom
+
+@pytest.mark.parametrize('signed,bits_stored,slope,intercept,padding,limit', [
+    (True, 12, 1., -1024., -2000, None),                      # 12-bit signed, garbage above bit 11 on some pixels
+    (False, 12, 0.5, -1000., 0, 5),                           # unsigned, padding range 0..5
+    (True, 16, 2., 0., None, None),
+])
+def test_fast_decode_matches_dicom_pixels(tmp_path, signed, bits_stored, slope, intercept, padding, limit):
+    "Slices decoded straight into the volume equal dicom_pixels bit for bit, Bits Stored and padding ranges included."
+    from fastdcm.volume import _modality_into
+    f = synth_ct_series(tmp_path, n_slices=3, size=24, seed=12)[1]
+    ds = pydicom.dcmread(f)
+    rng = np.random.default_rng(0)
+    if signed:
+        px = rng.integers(-2048, 2047, (24, 24)).astype(np.int16)
+        if bits_stored < 16: px[::3] = (px[::3].view(np.uint16) ^ 0x5000).view(np.int16)   # set unused high bits
+    else: px = rng.integers(0, 4095, (24, 24)).astype(np.uint16)
+    if padding is not None:                                   # padding pixels, as stored (12 bits: garbage above)
+        pv = np.array([padding], np.int16 if signed else np.uint16)
+        if bits_stored < 16: pv = ((pv.view(np.uint16) & 0x0FFF) | 0x5000).view(pv.dtype)
+        px[:2] = pv[0]
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = int(signed), bits_stored, bits_stored - 1
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    for kw in ('PixelPaddingValue', 'PixelPaddingRangeLimit'):
+        if kw in ds: del ds[kw]
+    if padding is not None:
+        ds.PixelPaddingValue = padding
+        ds['PixelPaddingValue'].VR = 'SS' if signed else 'US'
+        if limit is not None: ds.PixelPaddingRangeLimit = limit; ds['PixelPaddingRangeLimit'].VR = 'SS' if signed else 'US'
+    ds.PixelData = px.tobytes()
+    ds.save_as(tmp_path/'x', enforce_file_format=True)
+    ref = dicom_pixels(tmp_path/'x')
+    for pad_value in (None, -5000.):
+        slot = np.full((24, 24), np.nan, np.float32)
+        assert _modality_into(slot, tmp_path/'x', pad_value)
+        np.testing.assert_array_equal(slot, dicom_pixels(tmp_path/'x', pad_value=pad_value))
+    if padding is not None and limit is not None: assert (slot == -5000.).sum() >= 48
