@@ -319,6 +319,26 @@ def test_bad_files(tmp_path):
     ds = fdcmread(bad['short_pixels'])
     assert len(ds.PixelData) < ds.Rows*ds.Columns*2
     with pytest.raises(Exception): ds.pixel_array
+    with pytest.raises(NotDicomError, match='no_preamble.dcm'): fdcmread(bad['no_preamble'])
+    ds = fdcmread(bad['no_preamble'], force=True)
+    assert ds.Rows == 32 and 'PixelData' in ds
+    ds = pydicom.dcmread(bad['unsupported_ts'])
+    assert ds.file_meta.TransferSyntaxUID.is_compressed
+    with pytest.raises(Exception): ds.pixel_array
+    assert float(pydicom.dcmread(bad['bad_window']).WindowWidth) == 0.
+
+
+def test_bad_files_raise_typed_pixel_errors(tmp_path):
+    "What the pixel pipeline (fastdcm.pixels, written in parallel) is expected to raise for each bad file."
+    pixels = pytest.importorskip('fastdcm.pixels')
+    from fastdcm.core import NoPixelDataError, PixelDataLengthError, UnsupportedTransferSyntaxError, BadWindowError
+    bad = synth_bad_files(tmp_path)
+    expected = dict(truncated=TruncatedDicomError, not_dicom=NotDicomError, empty=DicomError,
+                    no_pixels=NoPixelDataError, short_pixels=PixelDataLengthError,
+                    unsupported_ts=UnsupportedTransferSyntaxError)
+    for case, err in expected.items():
+        with pytest.raises(err, match=bad[case].name): pixels.dicom_pixels(bad[case])
+    with pytest.raises(BadWindowError, match='bad_window.dcm'): pixels.dicom_pixels(bad['bad_window'], 'display')
 
 
 def test_enhanced_oblique_shuffled_frames(tmp_path):
