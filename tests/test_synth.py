@@ -376,3 +376,17 @@ def test_rescale_written_when_asked(tmp_path, modality):
     np.testing.assert_array_equal(v['modality'], ds.pixel_array*0.5 + 10.)
     ds = pydicom.dcmread(synth_dicom(tmp_path/'c.dcm', modality=modality, size=16, rescale=True))
     assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1., -1024.)
+
+
+def test_mr_series(tmp_path):
+    files, t = synth_ct_series(tmp_path, n_slices=6, size=24, modality='MR', per_slice_slope=True, seed=2,
+                               return_truth=True)
+    dss, proj = _sorted_by_normal(files)
+    assert (np.diff(proj) > 0).all()
+    for k, d in enumerate(dss):
+        assert d.SOPClassUID == SOP_CLASSES['MR'] and d.PixelRepresentation == 0 and 'PixelPaddingValue' not in d
+        np.testing.assert_array_equal(apply_modality_lut(d.pixel_array, d), t.values[k])
+    assert len({float(d.RescaleSlope) for d in dss}) == 3
+    # same anatomy as the CT series: fat is the brightest soft tissue on T1
+    fat = (t.hu > -150) & (t.hu < -50)
+    assert t.values[fat].mean() > t.values[(t.hu > 20) & (t.hu < 80)].mean()
