@@ -390,3 +390,18 @@ def test_mr_series(tmp_path):
     # same anatomy as the CT series: fat is the brightest soft tissue on T1
     fat = (t.hu > -150) & (t.hu < -50)
     assert t.values[fat].mean() > t.values[(t.hu > 20) & (t.hu < 80)].mean()
+
+
+def test_user_image_shapes(tmp_path):
+    img = np.random.default_rng(0).random((20, 30)).astype(np.float32)
+    fn, v = synth_dicom(tmp_path/'r.dcm', img, padding_value=-2000, return_values=True)
+    ds = pydicom.dcmread(fn)
+    assert (ds.Rows, ds.Columns) == (20, 30)
+    np.testing.assert_array_equal(ds.pixel_array, v['stored'])
+    fn, v = synth_dicom(tmp_path/'odd.dcm', modality='CR', bits_stored=8, signed=False, size=15, return_values=True)
+    np.testing.assert_array_equal(pydicom.dcmread(fn).pixel_array, v['stored'])   # odd length padded to even
+    ds = pydicom.dcmread(synth_dicom(tmp_path/'f.dcm', np.stack([img]*3), modality='MR'))
+    assert ds.NumberOfFrames == 3
+    with pytest.raises(ValueError, match='frames'): synth_dicom(tmp_path/'x.dcm', img, frames=3)
+    with pytest.raises(ValueError): synth_dicom(tmp_path/'y.dcm', modality='XA')
+    with pytest.raises(ValueError): synth_dicom(tmp_path/'z.dcm', modality='CR', enhanced=True)
