@@ -125,7 +125,7 @@ def test_two_series_reported_not_merged(tmp_path):
     for u in uids: assert u in str(e.value)
     df = find_series(flat, progress=False)
     assert sorted(df.n_files) == [6, 8] and (df.problems == '').all()
-    vols = [v for _,v in iter_series(flat, progress=False)]
+    vols = list(iter_series(flat, progress=False))
     assert sorted(v.shape[0] for v in vols) == [6, 8]
     for (_,row) in df.iterrows(): assert load_series(row).shape[0] == row.n_files
 
@@ -234,6 +234,7 @@ def test_windowed_and_pictures(oblique):
     path, truth, _ = oblique
     vol = load_series(path)
     w = vol.windowed(40, 400).array
+    np.testing.assert_array_equal(vol.windowed('bone').array, vol.windowed(400, 1800).array)
     assert w.min() >= 0 and w.max() <= 1 and 0 < w.mean() < 1
     axs = vol.show_grid(n=4, ncols=4); assert axs.size == 4
     ax = vol.hist(); assert ax.get_xlabel() == 'HU'
