@@ -319,3 +319,16 @@ def test_fast_decode_matches_dicom_pixels(tmp_path, signed, bits_stored, slope, 
         assert _modality_into(slot, tmp_path/'x', pad_value)
         np.testing.assert_array_equal(slot, dicom_pixels(tmp_path/'x', pad_value=pad_value))
     if padding is not None and limit is not None: assert (slot == -5000.).sum() >= 48
+
+def test_mixed_bag_of_files_never_crashes():
+    "pydicom's test files (reports, colour, multi-frame, localizers, odd syntaxes): rows with problems, no crash."
+    import os
+    from pydicom.data import get_testdata_file
+    folder = os.path.dirname(get_testdata_file('CT_small.dcm'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        df = find_series(folder, progress=False)
+        assert len(df) > 20 and (df.problems != '').sum() > 10
+        assert df.problems.str.contains('colour images').any()
+        vols = list(iter_series(folder, progress=False, min_slices=1))
+    assert len(vols) >= 5 and all(v.array.ndim == 3 and v.array.dtype == np.float32 for v in vols)
