@@ -207,7 +207,7 @@ def test_study_set_labels(study):
     assert csv.fname.tolist() == df.fname.tolist() and csv.label.tolist() == df.label.tolist()
     assert all(Path(f).is_absolute() and Path(f).exists() for f in df.fname)
     assert df.lesion_radius.notna().tolist() == (df.label == 'finding').tolist()
-    assert df.lesion_radius.dropna().between(0.1*64, 0.15*64).all()
+    assert df.lesion_radius.dropna().between(0.09*64, 0.16*64).all()
 
 
 def test_study_set_headers(study):
