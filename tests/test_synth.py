@@ -405,3 +405,20 @@ def test_user_image_shapes(tmp_path):
     with pytest.raises(ValueError, match='frames'): synth_dicom(tmp_path/'x.dcm', img, frames=3)
     with pytest.raises(ValueError): synth_dicom(tmp_path/'y.dcm', modality='XA')
     with pytest.raises(ValueError): synth_dicom(tmp_path/'z.dcm', modality='CR', enhanced=True)
+
+
+def test_study_set_modalities_and_compression(tmp_path):
+    df = synth_study_set(tmp_path, n_patients=4, images_per_patient=3, size=16, seed=5, modalities=('CR',),
+                         compress_frac=1.)
+    assert set(df.Modality) == {'CR'} and df.compressed.all()
+    assert all(pydicom.dcmread(f).file_meta.TransferSyntaxUID == RLELossless for f in df.fname)
+    with pytest.raises(ValueError): synth_study_set(tmp_path/'x', n_patients=2, modalities=('XA',))
+
+
+def test_us_multiframe(tmp_path):
+    fn, v = synth_dicom(tmp_path/'cine.dcm', modality='US', frames=4, size=32, return_values=True)
+    ds = pydicom.dcmread(fn)
+    assert ds.SOPClassUID == SOP_CLASSES['US_MF'] and ds.NumberOfFrames == 4 and ds.BitsStored == 8
+    assert ds.FrameIncrementPointer == 0x00181063
+    np.testing.assert_array_equal(ds.pixel_array, v['stored'])
+    assert not np.array_equal(v['stored'][0], v['stored'][1])   # speckle changes frame to frame
