@@ -332,3 +332,19 @@ def test_mixed_bag_of_files_never_crashes():
         assert df.problems.str.contains('colour images').any()
         vols = list(iter_series(folder, progress=False, min_slices=1))
     assert len(vols) >= 5 and all(v.array.ndim == 3 and v.array.dtype == np.float32 for v in vols)
+
+def test_slice_datablock_splits_by_patient(tmp_path):
+    "2.5-D DataBlock: (2k+1)-channel HU stacks, neighbours in position order, no patient on both sides."
+    from fastdcm.transforms import TensorDicom, DicomResize
+    for i in range(4): synth_ct_series(tmp_path/f'P{i}', n_slices=5, size=32, patient_id=f'P{i}', seed=20+i)
+    st = slice_table(tmp_path, k=2, progress=False)
+    assert len(st) == 20 and st.groupby('SeriesInstanceUID').slice.max().eq(4).all()
+    st['label'] = np.where(st.slice % 2 == 0, 'even', 'odd')
+    dls = slice_datablock(valid_pct=0.25, seed=1, item_tfms=DicomResize(24)).dataloaders(st, bs=4)
+    xb, yb = dls.one_batch()
+    assert isinstance(xb, TensorDicom) and xb.shape == (4, 5, 24, 24) and xb.max() > 255
+    assert set(dls.train.items.PatientID).isdisjoint(dls.valid.items.PatientID) and len(dls.valid.items) == 5
+    row = st[st.slice == 0].iloc[0]
+    x = open_slice_stack(row.fnames)
+    np.testing.assert_array_equal(x[0].numpy(), x[2].numpy())     # clamped at the first slice
+    np.testing.assert_array_equal(x[4].numpy(), dicom_pixels(st[(st.SeriesInstanceUID == row.SeriesInstanceUID) & (st.slice == 2)].fname.item()))
