@@ -228,6 +228,12 @@ def test_study_set_mix(tmp_path):
     assert set(df.PhotometricInterpretation) == {'MONOCHROME1', 'MONOCHROME2'}
     assert set(df.BitsStored) == {8, 12, 16} and set(df.PixelRepresentation) == {0, 1}
     assert set(df.rescale) == {True, False}
+    assert set(df.windows) == {0, 1, 2}
+    for r in df[(df.windows == 1)].itertuples():   # X-ray windows cover the image (in modality values)
+        ds = pydicom.dcmread(r.fname)
+        m = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+        c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+        assert c - w/2 <= np.percentile(m, 50) <= c + w/2 and w > 0.5*(m.max() - m.min())
 
 
 def _display(fn):
@@ -405,6 +411,7 @@ def test_user_image_shapes(tmp_path):
     with pytest.raises(ValueError, match='frames'): synth_dicom(tmp_path/'x.dcm', img, frames=3)
     with pytest.raises(ValueError): synth_dicom(tmp_path/'y.dcm', modality='XA')
     with pytest.raises(ValueError): synth_dicom(tmp_path/'z.dcm', modality='CR', enhanced=True)
+    with pytest.raises(ValueError): synth_dicom(tmp_path/'w.dcm', enhanced=True, frames=2, voi_lut=True)
 
 
 def test_study_set_modalities_and_compression(tmp_path):
