@@ -95,3 +95,33 @@ def test_voi_lut_function_matches_ps33_formulas(x, c, w, fn):
         near_edge = (np.abs(x64-lo) < 1e-3) | (np.abs(x64-hi) < 1e-3)
     assert (np.abs(got - exp)[~near_edge] <= tol).all()
     assert got.min() >= 0 and got.max() <= 1
+
+@pytest.mark.parametrize('name', ['CT_small.dcm', 'MR_small.dcm', 'MR_small_implicit.dcm', 'rtdose.dcm', 'MR_small_RLE.dcm',
+                                  'SC_rgb_jpeg_dcmtk.dcm', 'image_dfl.dcm', 'examples_palette.dcm', 'MR_small_bigendian.dcm'])
+@pytest.mark.parametrize('stage', ['stored', 'modality', 'display'])
+def test_header_argument_gives_the_same_pixels(name, stage):
+    "dicom_pixels(f, header=<f's stop_before_pixels Dataset>) == dicom_pixels(f), on fast-path and fall-back files alike."
+    f = get_testdata_file(name)
+    hdr = dcmread(f, stop_before_pixels=True)
+    np.testing.assert_array_equal(dicom_pixels(f, stage, header=hdr), dicom_pixels(f, stage))
+
+def test_header_argument_skips_the_second_parse(monkeypatch):
+    "With a usable header the file's header is not parsed again; when pydicom no longer knows where it ends, it is."
+    import fastdcm.pixels as px
+    hdr = dcmread(CT, stop_before_pixels=True)
+    ref = dicom_pixels(CT)
+    def no_parse(*a, **k): raise AssertionError('header parsed again')
+    monkeypatch.setattr(px, 'dcmread', no_parse)
+    np.testing.assert_array_equal(dicom_pixels(CT, header=hdr), ref)
+    np.testing.assert_array_equal(dicom_pixels(CT, header=hdr), ref)          # the header is left usable
+    hdr[next(reversed(hdr._dict))]                                             # converting the last element: offset unknown
+    assert px._header_end(hdr) is None
+    with pytest.raises(PixelDecodeError, match='parsed again'): dicom_pixels(CT, header=hdr)   # (wrapped, as any failure)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(dicom_pixels(CT, header=hdr), ref)          # ... so the file is read as usual
+
+def test_header_argument_refuses_another_files_header(tmp_path):
+    with pytest.raises(ValueError, match='not from'): dicom_pixels(MR, header=dcmread(CT, stop_before_pixels=True))
+    with pytest.raises(TypeError, match='Dataset'): dicom_pixels(CT, header={'Rows': 128})
+    cut = tmp_path/'cut.dcm'; cut.write_bytes(Path(CT).read_bytes()[:-1000])
+    with pytest.raises(TruncatedDicomError, match='cut.dcm'): dicom_pixels(cut, header=dcmread(cut, stop_before_pixels=True))

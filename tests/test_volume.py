@@ -251,74 +251,81 @@ def test_neighbour_stack_and_slice_table(oblique):
     assert [Path(f) for f in st.fname] == [Path(f) for f in truth]
     assert st.fnames[5] == tuple(str(truth[i]) for i in (4, 5, 6))
 
-def test_quick_header_matches_pydicom(tmp_path):
-    "The quick header scanner skips sequences (defined/undefined length, nested), reads implicit VR, else defers."
-    from fastdcm.volume import _quick_header, _record_from_quick, _records_from_dataset
+def test_headers_with_sequences_and_implicit_vr(tmp_path):
+    "Headers read by pydicom (sequences of defined/undefined length, nested; implicit VR; latin-1 text) give the records and the pixels."
     from pydicom.uid import ImplicitVRLittleEndian
-    f = synth_ct_series(tmp_path/'s', n_slices=3, size=16, seed=11)[0]
-    ds = pydicom.dcmread(f)
+    files = synth_ct_series(tmp_path/'s', n_slices=3, size=16, seed=11)
     inner = Dataset(); inner.CodeValue = 'X'; inner.CodeMeaning = 'nested'
     item = Dataset(); item.ReferencedSOPInstanceUID = generate_uid(); item.PurposeOfReferenceCodeSequence = Sequence([inner])
-    ds.ReferencedImageSequence = Sequence([item, item])
-    ds.SeriesDescription = 'with sequences'
-    cases = {}
     for name, ts, undefined in [('expl_undef', ExplicitVRLittleEndian, True), ('expl_def', ExplicitVRLittleEndian, False),
                                 ('impl_undef', ImplicitVRLittleEndian, True)]:
-        ds['ReferencedImageSequence'].is_undefined_length = undefined
-        for it in ds.ReferencedImageSequence:
-            it.is_undefined_length_sequence_item = undefined
-            it['PurposeOfReferenceCodeSequence'].is_undefined_length = undefined
-        ds.file_meta.TransferSyntaxUID = ts
-        fn = tmp_path/name
-        ds.save_as(fn, enforce_file_format=True)
-        assert (fn.read_bytes().count(b'\xfe\xff\xdd\xe0') == 3) == undefined   # sequence delimiters written
-        q = _quick_header(fn)
-        assert q is not None, name
-        quick, slow = _record_from_quick(fn, q), _records_from_dataset(fn, pydicom.dcmread(fn, stop_before_pixels=True))[0]
-        assert quick == slow, name
-        assert quick['SeriesDescription'] == 'with sequences' and quick['rows'] == 16 and quick['position'] is not None
-    ds.PatientID = 'Müller'; ds.SpecificCharacterSet = 'ISO_IR 100'; ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        for k, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.ReferencedImageSequence = Sequence([item, item])
+            ds.SeriesDescription = 'with sequences'
+            ds['ReferencedImageSequence'].is_undefined_length = undefined
+            for it in ds.ReferencedImageSequence:
+                it.is_undefined_length_sequence_item = undefined
+                it['PurposeOfReferenceCodeSequence'].is_undefined_length = undefined
+            ds.file_meta.TransferSyntaxUID = ts
+            fn = tmp_path/name/f'{k}'; fn.parent.mkdir(exist_ok=True)
+            ds.save_as(fn, enforce_file_format=True)
+            assert (fn.read_bytes().count(b'\xfe\xff\xdd\xe0') == 3) == undefined   # sequence delimiters written
+            rec = slice_records(fn)[0]
+            assert rec['SeriesDescription'] == 'with sequences' and rec['rows'] == 16 and rec['position'] is not None, name
+        vol = load_series(tmp_path/name)
+        for k in range(3): np.testing.assert_array_equal(vol.array[k], dicom_pixels(tmp_path/name/f'{k}'))
+    ds = pydicom.dcmread(files[0])
+    ds.PatientID = 'Müller'; ds.SpecificCharacterSet = 'ISO_IR 100'
     ds.save_as(tmp_path/'latin1', enforce_file_format=True)
-    assert _quick_header(tmp_path/'latin1') is None          # non-ASCII text: pydicom decodes it
     assert slice_records(tmp_path/'latin1')[0]['PatientID'] == 'Müller'
-    (tmp_path/'cut').write_bytes((tmp_path/'expl_def').read_bytes()[:400])
-    assert _quick_header(tmp_path/'cut') is None             # header cut short: deferred to pydicom
 
 @pytest.mark.parametrize('signed,bits_stored,slope,intercept,padding,limit', [
     (True, 12, 1., -1024., -2000, None),                      # 12-bit signed, garbage above bit 11 on some pixels
     (False, 12, 0.5, -1000., 0, 5),                           # unsigned, padding range 0..5
     (True, 16, 2., 0., None, None),
 ])
-def test_fast_decode_matches_dicom_pixels(tmp_path, signed, bits_stored, slope, intercept, padding, limit):
-    "Slices decoded straight into the volume equal dicom_pixels bit for bit, Bits Stored and padding ranges included."
-    from fastdcm.volume import _modality_into
-    f = synth_ct_series(tmp_path, n_slices=3, size=24, seed=12)[1]
-    ds = pydicom.dcmread(f)
+def test_load_series_matches_dicom_pixels(tmp_path, signed, bits_stored, slope, intercept, padding, limit):
+    "Slices decoded into the volume (headers read once) equal dicom_pixels bit for bit, Bits Stored and padding ranges included."
+    files = synth_ct_series(tmp_path/'src', n_slices=3, size=24, seed=12)
     rng = np.random.default_rng(0)
-    if signed:
-        px = rng.integers(-2048, 2047, (24, 24)).astype(np.int16)
-        if bits_stored < 16: px[::3] = (px[::3].view(np.uint16) ^ 0x5000).view(np.int16)   # set unused high bits
-    else: px = rng.integers(0, 4095, (24, 24)).astype(np.uint16)
-    if padding is not None:                                   # padding pixels, as stored (12 bits: garbage above)
-        pv = np.array([padding], np.int16 if signed else np.uint16)
-        if bits_stored < 16: pv = ((pv.view(np.uint16) & 0x0FFF) | 0x5000).view(pv.dtype)
-        px[:2] = pv[0]
-    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = int(signed), bits_stored, bits_stored - 1
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    for kw in ('PixelPaddingValue', 'PixelPaddingRangeLimit'):
-        if kw in ds: del ds[kw]
-    if padding is not None:
-        ds.PixelPaddingValue = padding
-        ds['PixelPaddingValue'].VR = 'SS' if signed else 'US'
-        if limit is not None: ds.PixelPaddingRangeLimit = limit; ds['PixelPaddingRangeLimit'].VR = 'SS' if signed else 'US'
-    ds.PixelData = px.tobytes()
-    ds.save_as(tmp_path/'x', enforce_file_format=True)
-    ref = dicom_pixels(tmp_path/'x')
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if signed:
+            px = rng.integers(-2048, 2047, (24, 24)).astype(np.int16)
+            if bits_stored < 16: px[::3] = (px[::3].view(np.uint16) ^ 0x5000).view(np.int16)   # set unused high bits
+        else: px = rng.integers(0, 4095, (24, 24)).astype(np.uint16)
+        if padding is not None:                                   # padding pixels, as stored (12 bits: garbage above)
+            pv = np.array([padding], np.int16 if signed else np.uint16)
+            if bits_stored < 16: pv = ((pv.view(np.uint16) & 0x0FFF) | 0x5000).view(pv.dtype)
+            px[:2] = pv[0]
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = int(signed), bits_stored, bits_stored - 1
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        for kw in ('PixelPaddingValue', 'PixelPaddingRangeLimit'):
+            if kw in ds: del ds[kw]
+        if padding is not None:
+            ds.PixelPaddingValue = padding
+            ds['PixelPaddingValue'].VR = 'SS' if signed else 'US'
+            if limit is not None: ds.PixelPaddingRangeLimit = limit; ds['PixelPaddingRangeLimit'].VR = 'SS' if signed else 'US'
+        ds.PixelData = px.tobytes()
+        (tmp_path/'x').mkdir(exist_ok=True)
+        ds.save_as(tmp_path/'x'/f'{k}.dcm', enforce_file_format=True)
     for pad_value in (None, -5000.):
-        slot = np.full((24, 24), np.nan, np.float32)
-        assert _modality_into(slot, tmp_path/'x', pad_value)
-        np.testing.assert_array_equal(slot, dicom_pixels(tmp_path/'x', pad_value=pad_value))
-    if padding is not None and limit is not None: assert (slot == -5000.).sum() >= 48
+        vol = load_series(tmp_path/'x', pad_value=pad_value)
+        for k in range(3): np.testing.assert_array_equal(vol.array[k], dicom_pixels(tmp_path/'x'/f'{k}.dcm', pad_value=pad_value))
+    if padding is not None and limit is not None: assert (vol.array == -5000.).sum() >= 3*48
+
+def test_load_series_parses_each_header_once(tmp_path, monkeypatch):
+    "load_series reads each header once (pydicom) and hands it to dicom_pixels, which doesn't parse it again."
+    import fastdcm.core, fastdcm.pixels, fastdcm.volume
+    files = synth_ct_series(tmp_path, n_slices=5, size=16, seed=13)
+    calls = []
+    real = fastdcm.core.dcmread
+    def counting(fn, *a, **k): calls.append(Path(fn).name if isinstance(fn, (str, Path)) else 'fileobj'); return real(fn, *a, **k)
+    monkeypatch.setattr(fastdcm.volume, 'dcmread', counting); monkeypatch.setattr(fastdcm.pixels, 'dcmread', counting)
+    vol = load_series(tmp_path)
+    assert sorted(calls) == sorted(f.name for f in files)
+    for k in (0, 4): np.testing.assert_array_equal(vol.array[k], dicom_pixels(files[k]))
 
 def test_mixed_bag_of_files_never_crashes():
     "pydicom's test files (reports, colour, multi-frame, localizers, odd syntaxes): rows with problems, no crash."
