@@ -100,3 +100,18 @@ def test_split_is_by_patient(df):
     for seed in range(5):
         dls = DicomDataLoaders.from_df(df, seed=seed, valid_pct=0.3, bs=4, item_tfms=DicomResize(SIZE), num_workers=0)
         assert not set(dls.train.items.PatientID) & set(dls.valid.items.PatientID)
+
+def test_one_epoch_fit_and_predict_on_a_dcm_path(df):
+    "Acceptance: a 1-epoch from-scratch fit on the mixed files runs well under a minute; predict takes a .dcm path."
+    import time
+    from fastai.vision.all import resnet18, accuracy
+    from fastdcm.learner import vision_learner
+    start = time.time()
+    dls = DicomDataLoaders.from_df(df, seed=0, bs=4, windows=['auto', 'soft_tissue'], item_tfms=DicomResize(SIZE),
+                                   num_workers=0)
+    learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    label, idx, probs = learn.predict(df.fname.iloc[0])
+    assert df.fname.iloc[0].endswith('.dcm') and label in ('finding', 'normal') and dls.vocab[int(idx)] == label
+    assert probs.shape == (2,) and abs(float(probs.sum()) - 1) < 1e-5
+    assert time.time() - start < 30
