@@ -9,9 +9,11 @@ Prints, from one run:
 
 Both sides read files already in the page cache (a warm-up pass reads them first); timings are the best of
 `--repeats`, interleaved, so a busy shared machine hurts both sides alike; the ratio of medians is printed too.
-Anchor: allocating and touching a fresh volume-sized array, which every load pays and the one-by-one decodes
-(reusing the same freed slice buffer) never do; on a machine short of free memory the kernel sometimes takes
-several times longer to supply those pages (seen here as runs 2-3x slower, almost all of it system time). The series is written by
+Anchors, both part of any load and of none of the one-by-one decodes: reading the headers and making the geometry
+records (the check done before decoding, with pydicom: about 15 elements converted per slice), and allocating and
+touching a fresh volume-sized array (the one-by-one decodes reuse the same freed slice buffer); on a machine short of
+free memory the kernel sometimes takes several times longer to supply those pages (seen here as runs 2-3x slower,
+almost all of it system time). The series is written by
 `fastdcm.synth.synth_ct_series` in a temporary folder, removed at the end.
 """
 import argparse, gc, os, shutil, tempfile, threading, time, tracemalloc
@@ -19,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from fastdcm.pixels import dicom_pixels
 from fastdcm.synth import synth_ct_series
-from fastdcm.volume import load_series
+from fastdcm.volume import load_series, slice_records
+from fastdcm.core import dcmread
 
 def _rss():
     with open('/proc/self/statm') as f: return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
@@ -45,11 +48,15 @@ def main(n_slices=256, size=512, repeats=3):
               f'({sum(os.path.getsize(f) for f in files)/2**20:.0f} MiB)')
         for f in files: Path(f).read_bytes()            # warm the page cache for both sides
         dicom_pixels(files[0]); load_series(tmp/'series', min_slices=2).array  # warm imports / code paths
-        sums, loads, touches = [], [], []
+        sums, loads, touches, heads = [], [], [], []
         for _ in range(repeats):
             gc.collect()
             t = time.perf_counter(); a = np.empty((n_slices, size, size), np.float32); a.fill(0.); touches.append(time.perf_counter() - t)
             del a
+            gc.collect()
+            t = time.perf_counter()
+            for f in files: slice_records(f, dcmread(f, stop_before_pixels=True))
+            heads.append(time.perf_counter() - t)
             gc.collect()
             total = 0.
             for f in files:
@@ -70,6 +77,9 @@ def main(n_slices=256, size=512, repeats=3):
         print(f'load_series:                    {t_load:.3f} s  (best of {repeats}: {", ".join(f"{s:.3f}" for s in loads)})')
         print(f'anchor: allocating and touching a volume-sized float32 array: {min(touches):.3f} s '
               f'(best of {repeats}: {", ".join(f"{s:.3f}" for s in touches)}): part of any load, none of the slice decodes')
+        print(f'anchor: reading the headers with pydicom and making the geometry records (what find_series does): '
+              f'{min(heads):.3f} s (best of {repeats}): part of any checked load, none of the slice decodes '
+              f'(load_series then hands each header to dicom_pixels, so no header is parsed twice)')
         print(f'volume: {nbytes/2**20:.0f} MiB; peak traced during load_series: {peak/2**20:.0f} MiB; '
               f'RSS growth: {(rss.peak-rss.start)/2**20:.0f} MiB')
         print(f'TIME RATIO   load / sum of slice decodes = {t_load/t_sum:.3f}   (goal <= 1.2; '
