@@ -114,4 +114,4 @@ def test_one_epoch_fit_and_predict_on_a_dcm_path(df):
     label, idx, probs = learn.predict(df.fname.iloc[0])
     assert df.fname.iloc[0].endswith('.dcm') and label in ('finding', 'normal') and dls.vocab[int(idx)] == label
     assert probs.shape == (2,) and abs(float(probs.sum()) - 1) < 1e-5
-    assert time.time() - start < 30
+    assert time.time() - start < 60   # 'well under a minute' on 2 CPU cores (typically a few seconds)
