@@ -115,3 +115,17 @@ def test_one_epoch_fit_and_predict_on_a_dcm_path(df):
     assert df.fname.iloc[0].endswith('.dcm') and label in ('finding', 'normal') and dls.vocab[int(idx)] == label
     assert probs.shape == (2,) and abs(float(probs.sum()) - 1) < 1e-5
     assert time.time() - start < 60   # 'well under a minute' on 2 CPU cores (typically a few seconds)
+
+def test_from_folder_layouts(tmp_path):
+    "label folders split by the patients in the headers; or train/valid folders when valid_pct=None."
+    for split in ('train', 'valid'):
+        for lab in ('a', 'b'):
+            for i in range(2):
+                pid = f'{split}{lab}{i}'
+                synth_dicom(tmp_path/'tv'/split/lab/f'{pid}.dcm', patient_id=pid, size=32, seed=i)
+                synth_dicom(tmp_path/'flat'/lab/f'{pid}.dcm', patient_id=pid[:-1], size=32, seed=i)  # 2 images/patient
+    dls = DicomDataLoaders.from_folder(tmp_path/'tv', valid_pct=None, bs=2, num_workers=0)
+    assert sorted(p.parent.parent.name for p in dls.valid.items) == ['valid']*4 and list(dls.vocab) == ['a', 'b']
+    dls = DicomDataLoaders.from_folder(tmp_path/'flat', valid_pct=0.25, seed=0, bs=2, num_workers=0)
+    assert len(dls.valid_ds) == 2 and check_leakage(dls).empty
+    assert type(dls.one_batch()[0]) is TensorDicom
