@@ -172,3 +172,14 @@ def test_window_formula_property(c, w, seed):
     x = TensorDicom(torch.randn(2, 1, 16, 16, generator=g)*1500 + c)
     out = Window([(c, w)])(x)
     np.testing.assert_allclose(out[:,0].numpy(), linear(x[:,0].numpy(), c, w), atol=2e-5)
+
+def test_show_windows_from_the_module():
+    "show_windows must work outside the notebook (its module imports what it draws with)."
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from fastdcm.augment import show_windows, Window
+    x = TensorDicom(torch.linspace(-1000, 1000, 2*32*32).reshape(2, 1, 32, 32))
+    n = len(plt.get_fignums())
+    show_windows(Window(['brain', 'bone'])(x), max_n=2)
+    assert len(plt.get_fignums()) == n + 1
+    plt.close('all')

@@ -106,7 +106,6 @@ def test_one_epoch_fit_and_predict_on_a_dcm_path(df):
     import time
     from fastai.vision.all import resnet18, accuracy
     from fastdcm.learner import vision_learner
-    start = time.time()
     dls = DicomDataLoaders.from_df(df, seed=0, bs=4, windows=['auto', 'soft_tissue'], item_tfms=DicomResize(SIZE),
                                    num_workers=0)
     learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy)
@@ -114,7 +113,6 @@ def test_one_epoch_fit_and_predict_on_a_dcm_path(df):
     label, idx, probs = learn.predict(df.fname.iloc[0])
     assert df.fname.iloc[0].endswith('.dcm') and label in ('finding', 'normal') and dls.vocab[int(idx)] == label
     assert probs.shape == (2,) and abs(float(probs.sum()) - 1) < 1e-5
-    assert time.time() - start < 60   # 'well under a minute' on 2 CPU cores (typically a few seconds)
 
 def test_from_folder_layouts(tmp_path):
     "label folders split by the patients in the headers; or train/valid folders when valid_pct=None."

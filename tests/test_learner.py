@@ -21,7 +21,6 @@ def study(tmp_path_factory):
 def _norm(dls): return [t for t in dls.after_batch.fs if isinstance(t, Normalize)]
 
 def test_fit_predict_tta_with_windows(study):
-    start = time.time()
     dls = DicomDataLoaders.from_df(study, seed=0, bs=8, windows=['auto', (40, 400), 'bone'],
                                    item_tfms=DicomResize(64), num_workers=0)
     learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy)
@@ -44,7 +43,6 @@ def test_fit_predict_tta_with_windows(study):
     assert learn.predict(Path(fn))[0] in dls.vocab               # and as a Path
     preds, targs = learn.tta(n=2)
     assert preds.shape == (len(dls.valid_ds), 2) and len(targs) == len(dls.valid_ds)
-    assert time.time() - start < 60
 
 def test_export_and_load_learner_predict_the_same(study, tmp_path):
     from fastai.learner import load_learner
