@@ -156,3 +156,8 @@ def test_run_demo_learns(tmp_path):
     for png in ('show_batch.png', 'show_results.png', 'confusion_matrix.png'):
         assert (tmp_path/'demo'/png).stat().st_size > 1000
     assert (tmp_path/'demo'/'labels.csv').exists()
+
+def test_run_demo_too_few_patients_says_so(tmp_path):
+    "Too small a study set for one batch is a clear error, not fastai's 'no batches' deep in fit."
+    with pytest.raises(ValueError, match='too few for batches'):
+        run_demo(tmp_path/'demo', n_patients=4, images_per_patient=2, epochs=1, bs=16, verbose=False)
