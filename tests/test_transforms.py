@@ -172,3 +172,155 @@ def test_rgb_show_and_meta():
     assert t.rgb and t.shape[0] == 3
     assert t.show().get_images()[0].get_array().shape == (100, 100, 3)
     plt.close('all')
+
+# ---- DICOM masks: label-map images and Segmentation objects (PS3.3 C.8.20) ----
+from pydicom.sequence import Sequence
+from pydicom.pixels import pack_bits
+from fastdcm.transforms import DicomMaskError, SEGMENTATION_SOP_CLASS
+
+def write_seg_file(fn, frames, seg_numbers, z=None, kind='BINARY', max_frac=255, geometry=True):
+    "A Segmentation object: frame i (0/1, or fraction in [0,1] for FRACTIONAL) of segment `seg_numbers[i]` at z[i]."
+    frames = np.asarray(frames); nf, h, w = frames.shape
+    z = [0.] * nf if z is None else z
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SEGMENTATION_SOP_CLASS, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset(); ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SEGMENTATION_SOP_CLASS, meta.MediaStorageSOPInstanceUID, 'SEG'
+    ds.PatientID, ds.SegmentationType = 'P1', kind
+    ds.Rows, ds.Columns, ds.NumberOfFrames = h, w, nf
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, 'MONOCHROME2', 0
+    ds.BitsAllocated = ds.BitsStored = 1 if kind == 'BINARY' else 8
+    ds.HighBit = ds.BitsStored - 1
+    segs = sorted(set(seg_numbers))
+    ds.SegmentSequence = Sequence([Dataset() for _ in segs])
+    for it, s in zip(ds.SegmentSequence, segs):
+        it.SegmentNumber, it.SegmentLabel, it.SegmentAlgorithmType = s, f'segment {s}', 'MANUAL'
+    items = []
+    for s, zz in zip(seg_numbers, z):
+        item, sid = Dataset(), Dataset()
+        sid.ReferencedSegmentNumber = s
+        item.SegmentIdentificationSequence = Sequence([sid])
+        if geometry:
+            pos = Dataset(); pos.ImagePositionPatient = [0., 0., float(zz)]
+            item.PlanePositionSequence = Sequence([pos])
+        items.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(items)
+    if kind == 'BINARY': ds.PixelData = pack_bits(frames.astype(np.uint8))
+    else:
+        ds.MaximumFractionalValue, ds.SegmentationFractionalType = max_frac, 'PROBABILITY'
+        ds.PixelData = np.round(frames * max_frac).astype(np.uint8).tobytes()
+    ds.save_as(fn, enforce_file_format=True)
+    return Path(fn)
+
+def test_label_map_dicom_mask(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, (21, 19))
+    # rescale present but ignored: a label map's classes are its STORED values
+    fn = write_dcm(tmp_path/'labels.dcm', labels, signed=False, bits=8, slope=2., intercept=-7.)
+    m = open_dicom_mask(fn, codes=['a', 'b', 'c', 'd'])
+    assert type(m) is TensorMask and m.dtype == torch.long and m.shape == (21, 19)
+    np.testing.assert_array_equal(m.numpy(), labels)
+    assert m.codes == ['a', 'b', 'c', 'd']
+    for src in (str(fn), fn.read_bytes(), pydicom.dcmread(fn), pd.Series({'fname': str(fn)})):
+        np.testing.assert_array_equal(open_dicom_mask(src).numpy(), labels)
+    r = DicomResize((9, 30), 'squish')(m)                  # masks resize with nearest neighbour: labels stay labels
+    assert type(r) is TensorMask and r.dtype == torch.long and r.shape == (9, 30)
+    assert set(r.unique().tolist()) <= set(labels.flatten().tolist())
+    np.testing.assert_array_equal(DicomResize((42, 38), 'squish')(m).numpy(), labels.repeat(2, 0).repeat(2, 1))
+    blk = DicomMaskBlock(codes=['a', 'b', 'c', 'd'])
+    np.testing.assert_array_equal(blk.type_tfms[0](str(fn)).numpy(), labels)
+
+def test_seg_binary_two_segments(tmp_path):
+    rng = np.random.default_rng(2)
+    h, w = 13, 17                               # 221 bits a frame: 1-bit frames don't start on byte boundaries
+    s1, s2 = rng.random((h, w)) < 0.4, rng.random((h, w)) < 0.3
+    expected = np.where(s2, 2, np.where(s1, 1, 0))   # overlap: the later segment (2) wins
+    for order in ([1, 2], [2, 1]):                    # the frame order doesn't matter
+        frames = np.stack([{1: s1, 2: s2}[s] for s in order])
+        fn = write_seg_file(tmp_path/f'seg{order[0]}.dcm', frames, order)
+        ds = pydicom.dcmread(fn)
+        assert ds.BitsAllocated == 1 and ds.SegmentationType == 'BINARY' and ds.NumberOfFrames == 2
+        m = open_dicom_mask(fn)
+        assert type(m) is TensorMask and m.dtype == torch.long and m.shape == (h, w)
+        np.testing.assert_array_equal(m.numpy(), expected)
+    # without plane positions the frames of each segment still make one plane
+    fn = write_seg_file(tmp_path/'nogeo.dcm', np.stack([s1, s2]), [1, 2], geometry=False)
+    np.testing.assert_array_equal(open_dicom_mask(fn).numpy(), expected)
+
+def test_seg_fractional_thresholded(tmp_path):
+    rng = np.random.default_rng(3)
+    f1, f2 = rng.random((16, 16)), rng.random((16, 16))
+    fn = write_seg_file(tmp_path/'frac.dcm', np.stack([f1, f2]), [1, 3], kind='FRACTIONAL', max_frac=200)
+    assert pydicom.dcmread(fn).BitsAllocated == 8
+    q1, q2 = np.round(f1 * 200), np.round(f2 * 200)  # what the file stores
+    expected = np.where(q2 >= 100, 3, np.where(q1 >= 100, 1, 0))
+    np.testing.assert_array_equal(open_dicom_mask(fn).numpy(), expected)
+    assert 0.2 < (expected > 0).mean() < 0.95       # the threshold really splits the values
+
+def test_seg_several_planes_needs_frame(tmp_path):
+    rng = np.random.default_rng(4)
+    a, b, c = (rng.random((3, 8, 8)) < 0.5)
+    fn = write_seg_file(tmp_path/'vol.dcm', np.stack([a, b, c]), [1, 1, 2], z=[0., 2.5, 0.])
+    with pytest.raises(DicomMaskError, match=r'vol\.dcm.*2 planes.*frame='):
+        open_dicom_mask(fn)
+    np.testing.assert_array_equal(open_dicom_mask(fn, frame=0).numpy(), np.where(c, 2, np.where(a, 1, 0)))
+    np.testing.assert_array_equal(open_dicom_mask(fn, frame=1).numpy(), b.astype(int))
+    np.testing.assert_array_equal(open_dicom_mask(pd.Series({'fname': str(fn), 'frame': 1})).numpy(), b.astype(int))
+    with pytest.raises(DicomMaskError, match='out of range'): open_dicom_mask(fn, frame=2)
+
+def test_non_integer_or_negative_label_map_raises(tmp_path):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = '1.2.840.10008.5.1.4.1.1.30', generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset(); ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, 'OT'
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated = 1, 'MONOCHROME2', 32
+    ds.FloatPixelData = (np.arange(16, dtype=np.float32) / 3).tobytes()   # a parametric map, not classes
+    ds.save_as(tmp_path/'float_map.dcm', enforce_file_format=True)
+    with pytest.raises(DicomMaskError, match=r'float_map\.dcm.*not integers') as e:
+        open_dicom_mask(tmp_path/'float_map.dcm')
+    assert isinstance(e.value, DicomError)
+    neg = write_dcm(tmp_path/'neg_labels.dcm', np.array([[0, 1], [-1, 2]]), signed=True)
+    with pytest.raises(DicomMaskError, match=r'neg_labels\.dcm.*>= 0'): open_dicom_mask(neg)
+
+def _square_set(tmp_path, n=8, size=48):
+    "Images with a bright square (HU 1000 on 0) and DICOM masks of that square: half SEG, half label maps."
+    rng = np.random.default_rng(5); rows = []
+    for i in range(n):
+        top, left = rng.integers(6, size - 26, 2); side = rng.integers(14, 20)
+        sq = np.zeros((size, size), bool); sq[top:top+side, left:left+side] = True
+        img = write_dcm(tmp_path/f'img{i}.dcm', (sq * 1000 + 24).astype(np.int16), intercept=-24.)
+        if i % 2: msk = write_seg_file(tmp_path/f'mask{i}.dcm', sq[None], [1])
+        else: msk = write_dcm(tmp_path/f'mask{i}.dcm', sq.astype(np.uint8), signed=False, bits=8)
+        rows.append(dict(fname=str(img), mask=str(msk)))
+    return pd.DataFrame(rows)
+
+def test_dicom_mask_block_aligned_after_rotation_and_unet_fits(tmp_path):
+    from fastai.vision.all import resnet18, set_seed
+    from fastdcm.augment import dicom_aug_transforms
+    from fastdcm.learner import unet_learner
+    set_seed(0)
+    df = _square_set(tmp_path)
+    dblock = DataBlock(blocks=(DicomBlock(), DicomMaskBlock(codes=['bg', 'square'])), get_x=ColReader('fname'),
+                       get_y=ColReader('mask'), splitter=RandomSplitter(0.25, seed=0), item_tfms=DicomResize(40),
+                       batch_tfms=dicom_aug_transforms(max_rotate=40., max_zoom=1.2, p_affine=1., max_lighting=0.))
+    dls = dblock.dataloaders(df, bs=6, num_workers=0)
+    x, m = dls.one_batch()
+    assert type(x) is TensorDicom and type(m) is TensorMask and m.dtype == torch.long
+    assert x.shape == (6, 1, 40, 40) and m.shape == (6, 40, 40)
+    assert set(m.unique().tolist()) == {0, 1}
+    bright = x[:, 0].cpu() > 500                                   # the square in the augmented image
+    agree = (bright == m.cpu().bool()).float().mean()
+    assert agree > 0.95, f'image and DICOM mask moved differently ({agree:.3f} agreement)'
+    # the augmentation did rotate: a rotated square fills less of its bounding box than an axis-aligned one
+    fill = []
+    for mi in m.cpu().bool():
+        rows, cols = mi.any(1).nonzero(), mi.any(0).nonzero()
+        fill.append(mi.sum().item() / ((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)).item())
+    assert min(fill) < 0.9, f'no rotation seen in the batch (bounding-box fill {fill})'
+    learn = unet_learner(dls, resnet18, pretrained=False)
+    assert learn.model[0][0].in_channels == 1
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert np.isfinite(learn.recorder.values[-1]).all()
