@@ -200,13 +200,14 @@ def write_seg_file(fn, frames, seg_numbers, z=None, kind='BINARY', max_frac=255,
     for s, zz in zip(seg_numbers, z):
         item, sid = Dataset(), Dataset()
         sid.ReferencedSegmentNumber = s
-        item.SegmentIdentificationSequence = Sequence([sid])
+        if kind != 'LABELMAP': item.SegmentIdentificationSequence = Sequence([sid])
         if geometry:
             pos = Dataset(); pos.ImagePositionPatient = [0., 0., float(zz)]
             item.PlanePositionSequence = Sequence([pos])
         items.append(item)
     ds.PerFrameFunctionalGroupsSequence = Sequence(items)
     if kind == 'BINARY': ds.PixelData = pack_bits(frames.astype(np.uint8))
+    elif kind == 'LABELMAP': ds.PixelData = frames.astype(np.uint8).tobytes()
     else:
         ds.MaximumFractionalValue, ds.SegmentationFractionalType = max_frac, 'PROBABILITY'
         ds.PixelData = np.round(frames * max_frac).astype(np.uint8).tobytes()
@@ -324,3 +325,15 @@ def test_dicom_mask_block_aligned_after_rotation_and_unet_fits(tmp_path):
     assert learn.model[0][0].in_channels == 1
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     assert np.isfinite(learn.recorder.values[-1]).all()
+
+def test_seg_labelmap_and_bad_segment_numbers(tmp_path):
+    rng = np.random.default_rng(6)
+    planes = rng.integers(0, 4, (2, 9, 11))
+    fn = write_seg_file(tmp_path/'lm.dcm', planes, [1, 2], z=[0., 1.], kind='LABELMAP')
+    with pytest.raises(DicomMaskError, match='frame='): open_dicom_mask(fn)
+    for i in range(2): np.testing.assert_array_equal(open_dicom_mask(fn, frame=i).numpy(), planes[i])
+    zero = write_seg_file(tmp_path/'seg0.dcm', np.ones((1, 4, 4)), [0])
+    with pytest.raises(DicomMaskError, match=r'seg0\.dcm.*start at 1'): open_dicom_mask(zero)
+    ds = pydicom.dcmread(write_seg_file(tmp_path/'x.dcm', np.ones((1, 4, 4)), [1]))
+    ds.SegmentationType = 'SURFACE'
+    with pytest.raises(DicomMaskError, match='not supported'): open_dicom_mask(ds)
