@@ -315,6 +315,9 @@ def test_dicom_mask_block_aligned_after_rotation_and_unet_fits(tmp_path):
     bright = x[:, 0].cpu() > 500                                   # the square in the augmented image
     agree = (bright == m.cpu().bool()).float().mean()
     assert agree > 0.95, f'image and DICOM mask moved differently ({agree:.3f} agreement)'
+    bright, mb = bright.as_subclass(torch.Tensor), m.cpu().bool().as_subclass(torch.Tensor)
+    iou = ((bright & mb).sum(dim=(1, 2)).float() / (bright | mb).sum(dim=(1, 2)).float()).min()
+    assert iou > 0.85, f'the square in the image and in the mask overlap poorly (IoU {iou:.3f})'
     # the augmentation did rotate: a rotated square fills less of its bounding box than an axis-aligned one
     fill = []
     for mi in m.cpu().bool():
