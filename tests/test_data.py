@@ -16,7 +16,9 @@ def layouts(draw):
     rows = []
     for p,(n,b) in enumerate(zip(sizes, blank)):
         for i in range(n):
-            rows.append({'fname': f'pat{p}/img{i}.dcm', 'truth': p,
+            # study-fallback patients have one folder per image (as PACS exports do), so only the study UID groups them
+            fname = f'scan{p}_{i}/img.dcm' if b=='study' else f'pat{p}/img{i}.dcm'
+            rows.append({'fname': fname, 'truth': p,
                          'PatientID': f'P{p}' if b=='id' else draw(st.sampled_from(['', None, '  '])),
                          'StudyInstanceUID': f'1.2.{p}' if b in ('id','study') else None})
     order = draw(st.permutations(range(len(rows))))
@@ -103,3 +105,14 @@ def test_bad_arguments():
     with pytest.raises(ValueError): PatientKFoldSplitter(1)
     with pytest.raises(TypeError): check_leakage([1, 2])
     with pytest.raises(TypeError, match="can't find the patient"): patient_groups([3.5])
+
+def test_kfold_stratify_balances_labels():
+    "4 positive patients of 20, 4 folds: stratified, each fold validates exactly one (unstratified misses often)."
+    rows = [dict(fname=f'p{p}/{i}.dcm', PatientID=f'P{p}', label='pos' if p % 5 == 0 else 'neg')
+            for p in range(20) for i in range(1 + p % 3)]
+    df = pd.DataFrame(rows)
+    for seed in range(5):
+        for fold in range(4):
+            trn, val = PatientKFoldSplitter(4, fold, seed, stratify='label')(df)
+            assert df.iloc[list(val)].query("label == 'pos'").PatientID.nunique() == 1
+            assert not set(df.PatientID.iloc[list(trn)]) & set(df.PatientID.iloc[list(val)])

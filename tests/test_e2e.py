@@ -59,19 +59,27 @@ def _valid_batch(dls):
     dl = dls.valid.new(bs=len(dls.valid_ds), shuffle=False, drop_last=False)
     return dl.one_batch(), dl.items
 
+def _train_batch(dls):
+    "The whole training set as one batch, in item order (files are SIZE x SIZE: the random crop is the identity)."
+    dl = dls.train.new(bs=len(dls.train_ds), shuffle=False, drop_last=False)
+    return dl.one_batch(), dl.items
+
 def test_batch_equals_dicom_pixels(df):
     _files_are_mixed(df)
     dls = DicomDataLoaders.from_df(df, seed=0, bs=4, item_tfms=DicomResize(SIZE), num_workers=0)
     assert check_leakage(dls).empty
     x, y = dls.one_batch()
     assert type(x) is TensorDicom and x.dtype == torch.float32 and x.shape == (4, 1, SIZE, SIZE)
-    (xv, yv), items = _valid_batch(dls)
-    assert len(items) >= 2
-    for i, fn in enumerate(items.fname):
-        ref = dicom_pixels(fn)                                   # modality values, what the model should see
-        np.testing.assert_allclose(xv[i, 0].cpu().numpy(), ref, rtol=1e-6, atol=1e-4)
-    # and the label decodes back to the row's label
-    assert [dls.vocab[int(o)] for o in yv] == list(items.label)
+    checked = set()
+    for (xv, yv), items in (_valid_batch(dls), _train_batch(dls)):   # every file, so every spec of SPECS
+        assert len(items) >= 2 and type(xv) is TensorDicom
+        for i, fn in enumerate(items.fname):
+            ref = dicom_pixels(fn)                               # modality values, what the model should see
+            np.testing.assert_allclose(xv[i, 0].cpu().numpy(), ref, rtol=1e-6, atol=1e-4)
+        # and the label decodes back to the row's label
+        assert [dls.vocab[int(o)] for o in yv] == list(items.label)
+        checked |= set(items.spec)
+    assert checked == set(range(len(SPECS)))
 
 def test_windows_follow_ps33_linear(df):
     wins = ['brain', (40, 400), (300, 1500)]
@@ -127,3 +135,19 @@ def test_from_folder_layouts(tmp_path):
     dls = DicomDataLoaders.from_folder(tmp_path/'flat', valid_pct=0.25, seed=0, bs=2, num_workers=0)
     assert len(dls.valid_ds) == 2 and check_leakage(dls).empty
     assert type(dls.one_batch()[0]) is TensorDicom
+
+def test_mixed_polarity_display_stage_agrees(tmp_path):
+    """The documented advice for sets mixing MONOCHROME1 and 2: modality values of the same anatomy are negatives of each
+    other (PS3.3 C.7.6.3.1.2 inverts after VOI); stage='display' gives batches of one polarity."""
+    rows = []
+    for i, pi in enumerate(['MONOCHROME2', 'MONOCHROME1'] * 2):
+        fn = synth_dicom(tmp_path/f'{pi}_{i}.dcm', modality='CR', photometric=pi, bits_stored=12, signed=False, slope=1.,
+                         intercept=0., patient_id=f'P{i}', size=SIZE, seed=7)          # same image, both polarities
+        rows.append(dict(fname=str(fn), PatientID=f'P{i}', label='ab'[i // 2], pi=pi))
+    df = pd.DataFrame(rows)
+    corr = lambda x: float(np.corrcoef(x[0, 0].cpu().numpy().ravel(), x[1, 0].cpu().numpy().ravel())[0, 1])
+    for stage, sign in (('modality', -1), ('display', 1)):
+        dls = DicomDataLoaders.from_df(df, seed=0, bs=2, stage=stage, windows=['auto'], item_tfms=DicomResize(SIZE),
+                                       num_workers=0)
+        x = dls.test_dl(df.iloc[:2]).one_batch()[0]                   # a MONOCHROME2 and a MONOCHROME1 file
+        assert sign * corr(x) > 0.99, (stage, corr(x))

@@ -344,13 +344,20 @@ def test_slice_datablock_splits_by_patient(tmp_path):
     "2.5-D DataBlock: (2k+1)-channel HU stacks, neighbours in position order, no patient on both sides."
     from fastdcm.transforms import TensorDicom, DicomResize
     for i in range(4): synth_ct_series(tmp_path/f'P{i}', n_slices=5, size=32, patient_id=f'P{i}', seed=20+i)
+    # every patient also has a second series in another study: a split by series (or by slice) would leak patients
+    for i in range(4): synth_ct_series(tmp_path/f'P{i}b', n_slices=5, size=32, patient_id=f'P{i}', seed=30+i)
     st = slice_table(tmp_path, k=2, progress=False)
-    assert len(st) == 20 and st.groupby('SeriesInstanceUID').slice.max().eq(4).all()
+    assert len(st) == 40 and st.groupby('SeriesInstanceUID').slice.max().eq(4).all()
+    assert st.groupby('PatientID').SeriesInstanceUID.nunique().eq(2).all()
     st['label'] = np.where(st.slice % 2 == 0, 'even', 'odd')
+    for seed in range(4):
+        db = slice_datablock(valid_pct=0.25, seed=seed, item_tfms=DicomResize(24))
+        trn, val = db.splitter(st)
+        assert set(st.PatientID.iloc[list(trn)]).isdisjoint(st.PatientID.iloc[list(val)]) and len(val) == 10
     dls = slice_datablock(valid_pct=0.25, seed=1, item_tfms=DicomResize(24)).dataloaders(st, bs=4)
     xb, yb = dls.one_batch()
     assert isinstance(xb, TensorDicom) and xb.shape == (4, 5, 24, 24) and xb.max() > 255
-    assert set(dls.train.items.PatientID).isdisjoint(dls.valid.items.PatientID) and len(dls.valid.items) == 5
+    assert set(dls.train.items.PatientID).isdisjoint(dls.valid.items.PatientID) and len(dls.valid.items) == 10
     row = st[st.slice == 0].iloc[0]
     x = open_slice_stack(row.fnames)
     np.testing.assert_array_equal(x[0].numpy(), x[2].numpy())     # clamped at the first slice
