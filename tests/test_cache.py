@@ -43,6 +43,16 @@ def test_changed_file_is_decoded_again(tmp_path):
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     np.testing.assert_array_equal(cache(f), dicom_pixels(other))
     assert cache.misses == 2
+    # same size, new pixels, later mtime (an in-place edit): the mtime alone must invalidate the entry
+    b = bytearray(f.read_bytes()); b[-200:] = bytes(200)
+    size = f.stat().st_size; f.write_bytes(bytes(b)); assert f.stat().st_size == size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 2*10**9))
+    np.testing.assert_array_equal(cache(f), dicom_pixels(f))
+    assert cache.misses == 3
+    # same mtime, another size (a copy that kept its timestamp): the size alone must too
+    shutil.copy2(get_testdata_file('CT_small.dcm'), f); os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 2*10**9))
+    np.testing.assert_array_equal(cache(f), dicom_pixels(f))
+    assert cache.misses == 4
 
 def test_writable_copy_on_write(tmp_path):
     f = get_testdata_file('CT_small.dcm')

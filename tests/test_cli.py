@@ -67,6 +67,10 @@ def test_show(tmp_path):
     assert np.array(PIL.Image.open(tmp_path/'f1.png')).shape == dicom_pixels(mf, frame=1).shape
     r = run('show', CT, '-o', tmp_path/'bad.png', '--window', '40,x', check=False)
     assert r.returncode == 1 and 'CENTER,WIDTH' in r.stderr and not (tmp_path/'bad.png').exists()
+    for bad, says in [(['--frame', '2'], 'frame 2 out of range'), (['--window', 'NO_SUCH_WINDOW'], 'no window called')]:
+        r = run('show', CT, '-o', tmp_path/'bad.png', *bad, check=False)
+        assert r.returncode == 1 and 'CT_small.dcm' in r.stderr and says in r.stderr and 'Traceback' not in r.stderr
+        assert not (tmp_path/'bad.png').exists()
 
 def test_show_named_window(tmp_path):
     augment = pytest.importorskip('fastdcm.augment')

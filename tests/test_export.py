@@ -225,3 +225,72 @@ def test_quantize_general_within_half_step():
         q, m = quantize16(x.astype(np.float32))
         err = np.abs(dequantize16(q, **m) - x.astype(np.float32)).max()
         assert err <= m['scale'] / 2 + 1e-6 * max(1, np.abs(x).max())
+
+def test_atomic_write_leaves_nothing_half_written(tmp_path):
+    target = tmp_path/'o'/'x.png'
+    def half(p): Path(p).write_bytes(b'half a png'); raise OSError('disk full')
+    with pytest.raises(OSError, match='disk full'): atomic_write(target, half)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    target.write_bytes(b'old')                                   # an existing output is replaced whole or not at all
+    with pytest.raises(OSError, match='disk full'): atomic_write(target, half)
+    assert [p.name for p in target.parent.iterdir()] == ['x.png'] and target.read_bytes() == b'old'
+
+def test_write_failing_mid_file_is_redone(tree, tmp_path, monkeypatch):
+    "A writer dying half-way through one output leaves no file a later run would take as finished."
+    import fastdcm.export as ex
+    convert(tree, tmp_path/'full', 'png16', salt=SALT, progress=False)
+    real, calls = ex._write_png, []
+    def dies_on_third(fn, q, meta):
+        calls.append(fn)
+        if len(calls) == 3: Path(fn).write_bytes(b'\x89PNG half'); raise OSError('killed mid-write')
+        real(fn, q, meta)
+    monkeypatch.setattr(ex, '_write_png', dies_on_third)
+    res = convert(tree, tmp_path/'part', 'png16', salt=SALT, progress=False, workers=0)
+    assert res['done'] == 5 and len(res['failed']) == 1 and 'killed mid-write' in res['failed'][0][1]
+    monkeypatch.setattr(ex, '_write_png', real)
+    res = convert(tree, tmp_path/'part', 'png16', salt=SALT, progress=False, workers=0)
+    assert (res['done'], res['skipped'], res['failed']) == (1, 5, [])
+    assert outputs(tmp_path/'part') == outputs(tmp_path/'full')
+
+def test_failures_report_leaks_no_phi(tmp_path, capsys):
+    "With anonymisation on, a failing file is reported by pseudonym: failures.csv and the summary hold no PHI."
+    tree = make_tree(tmp_path/'src'); phi = phi_values(tree)
+    good = tree/'Smith_John'/'study1'/'IM0002.dcm'
+    (tree/'Doe_Jane'/'broken.dcm').write_bytes(good.read_bytes()[:200] + bytes(10))      # not DICOM any more
+    (tree/'Roe_Rick'/'cut_Smith_John.dcm').write_bytes(good.read_bytes()[:-3000])        # cut inside the pixel data
+    res = convert(tree, tmp_path/'out', 'png16', anonymize=True, salt=SALT)
+    res2 = anonymize(tree, tmp_path/'anon', salt=SALT)
+    assert len(res['failed']) == 2 and len(res2['failed']) == 2
+    assert any('Truncated' in why for _, why in res['failed'])
+    assert (tmp_path/'out'/'failures.csv').exists() and (tmp_path/'anon'/'failures.csv').exists()
+    assert leaks(tmp_path/'out', phi) == set() and leaks(tmp_path/'anon', phi) == set()
+    shown = capsys.readouterr().out
+    assert 'FAILED' in shown and {v for v in phi if v in shown} == set()
+
+def test_profile_applies_inside_sequences(tmp_path):
+    "PHI nested in sequence items (kept, removed, and referencing other instances) is gone; references stay consistent."
+    src = tmp_path/'src'
+    study = generate_uid(entropy_srcs=['nested'])
+    a = _ct(src/'Smith_John'/'IM1.dcm', *PATIENTS[0], study, 1)
+    b = _ct(src/'Smith_John'/'IM2.dcm', *PATIENTS[0], study, 2)
+    ds = pydicom.dcmread(b)
+    region = pydicom.Dataset()                       # a sequence the profile keeps, with PHI put inside its item
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = 'T-D3000', 'SRT', 'Chest'
+    region.OperatorsName, region.PatientName = 'Ratched^Mildred', 'Smith^John'
+    region.add_new(0x00291010, 'LO', 'private nested Smith^John')
+    ds.AnatomicRegionSequence = [region]
+    req = pydicom.Dataset(); req.RequestedProcedureID, req.ScheduledProcedureStepID = 'REQ-4477881', 'SPS-1122339'
+    ds.RequestAttributesSequence = [req]             # a sequence the profile removes
+    ref = pydicom.Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, pydicom.dcmread(a).SOPInstanceUID
+    ds.ReferencedImageSequence = [ref]               # a reference to IM1
+    ds.save_as(b)
+    phi = phi_values(src)
+    assert {'Ratched^Mildred', 'REQ-4477881', pydicom.dcmread(a).SOPInstanceUID} <= phi
+    before = tree_hash(src)
+    res = anonymize(src, tmp_path/'anon', salt=SALT, progress=False)
+    assert res['done'] == 2 and not res['failed'] and tree_hash(src) == before
+    assert leaks(tmp_path/'anon', phi) == set()
+    outs = {dcmread(p).SOPInstanceUID: dcmread(p) for p in (tmp_path/'anon').rglob('*.dcm')}
+    with_ref = [d for d in outs.values() if 'ReferencedImageSequence' in d]
+    assert len(with_ref) == 1 and with_ref[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID in outs

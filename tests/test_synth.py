@@ -429,3 +429,9 @@ def test_us_multiframe(tmp_path):
     assert ds.FrameIncrementPointer == 0x00181063
     np.testing.assert_array_equal(ds.pixel_array, v['stored'])
     assert not np.array_equal(v['stored'][0], v['stored'][1])   # speckle changes frame to frame
+
+
+def test_hu_density_inverse():
+    hu = np.array([-1000, -100, 0, 40, 700, 3000], np.float32)
+    np.testing.assert_allclose(density_to_hu(hu_to_density(hu)), hu, atol=1e-3)
+    np.testing.assert_allclose(hu_to_density([-1000, 0, 700]), [0, .5, .85], atol=1e-6)
