@@ -42,12 +42,24 @@ def test_index(tmp_path):
     assert tree_hash(tree) == before
     r = run('index', tree, '-o', tmp_path/'index.txt', check=False)
     assert r.returncode != 0 and '.csv or .parquet' in r.stderr
+    r = run('index', tmp_path/'typo', '-o', tmp_path/'typo.csv', check=False)
+    assert r.returncode == 1 and 'typo: no such file or folder' in r.stderr and 'Traceback' not in r.stderr
+    assert not (tmp_path/'typo.csv').exists()
 
-def test_info():
+def test_info(tmp_path):
     r = run('info', CT, get_testdata_file('JPEG2000.dcm'))
     assert 'modality: CT' in r.stdout and 'Explicit VR Little Endian' in r.stdout
     assert 'JPEG 2000' in r.stdout and 'decoder installed' in r.stdout
     assert 'patient ID: present (not shown)' in r.stdout and '1CT1' not in r.stdout
+    from fastdcm.synth import synth_dicom
+    f = synth_dicom(tmp_path/'w.dcm', modality='CT', size=32, windows=[(40, 400, 'SOFT'), (-600, 1500, 'LUNG')],
+                    padding_value=-2000, intercept=-1024., patient_id='P-SECRET-77', bits_stored=12)
+    out = run('info', f).stdout
+    for want in ('rescale: value = 1 * stored + -1024 (HU)', 'window 0: center 40, width 400, LINEAR "SOFT"',
+                 'window 1: center -600, width 1500, LINEAR "LUNG"', 'padding: stored value -2000',
+                 'bits: allocated 16, stored 12, high bit 11, signed', 'frames: 1'):
+        assert want in out, (want, out)
+    assert 'P-SECRET-77' not in out
     r = run('info', get_testdata_file('README.txt'), check=False)
     assert r.returncode == 1 and 'README.txt' in r.stderr and 'Traceback' not in r.stderr
 

@@ -41,3 +41,7 @@ def test_get_dicom_files_skips_what_is_not_dicom(tmp_path):
     shutil.copy(CT, tmp_path/'DICOMDIR'); (tmp_path/'notes.txt').write_text('x' * 200); (tmp_path/'blob').write_bytes(bytes(300))
     (tmp_path/'.hidden').mkdir(); shutil.copy(CT, tmp_path/'.hidden'/'x.dcm')
     assert [f.name for f in get_dicom_files(tmp_path)] == ['1.2.840.113619.2.55.3.7', 'UPPER.DCM', 'noext']
+
+def test_missing_path_is_an_error_not_an_empty_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match='typo'): get_dicom_files(tmp_path/'typo')
+    with pytest.raises(FileNotFoundError, match='typo'): index_dicoms(tmp_path/'typo', progress=False)

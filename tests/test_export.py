@@ -96,14 +96,17 @@ def test_round_trip(tree, tmp_path, fmt):
     assert tree_hash(tree) == before
     meta = pd.read_csv(tmp_path/'out'/'metadata.csv')
     assert len(meta) == 6 and meta.patient_key.nunique() == 3
+    kinds = []
     for _, r in meta.iterrows():
         x, want = read_converted(tmp_path/'out'/r.fname), dicom_pixels(tree/r.src)
         assert output_names(tree/r.src, tree, fmt) == [r.fname]
         assert x.dtype == np.float32 and x.shape == want.shape
-        if np.array_equal(want, np.round(want)): np.testing.assert_array_equal(x, want)     # integer HU: exact
+        kinds.append(np.array_equal(want, np.round(want)))
+        if kinds[-1]: np.testing.assert_array_equal(x, want)     # integer HU: exact
         else:
             step = 0.37 if fmt != 'npy' else 0
             assert np.abs(x - want).max() <= step / 2 + 1e-4 * np.abs(want).max()
+    assert sorted(kinds) == [False] + [True]*5                    # both branches were exercised
 
 def test_display_stage_and_multiframe(tmp_path):
     src = tmp_path/'src'; src.mkdir()
@@ -140,6 +143,9 @@ def test_convert_anonymized_has_no_phi(tree, tmp_path):
 
 def test_anonymize_dicom_has_no_phi(tree, tmp_path):
     before, phi = tree_hash(tree), phi_values(tree)
+    # what make_tree put in, independent of the profile table phi_values reads: all of it must be looked for
+    assert {'Smith^John', 'PID-884422', '19510203', 'St Elsewhere Hospital', 'House^Gregory', 'ACC7766554'} <= phi
+    assert {str(dcmread(f).StudyInstanceUID) for f in tree.rglob('IM*')} <= phi
     res = anonymize(tree, tmp_path/'anon', salt=SALT, progress=False)
     assert res['done'] == 6 and not res['failed'] and len(res['burned_in']) == 1
     assert tree_hash(tree) == before

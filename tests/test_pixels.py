@@ -10,8 +10,9 @@ from fastdcm.pixels import PixelDecodeError, FrameIndexError, _load
 CT, MR = get_testdata_file('CT_small.dcm'), get_testdata_file('MR_small.dcm')
 
 def test_no_fastai_import():
-    code = "import fastdcm.pixels, sys; assert not any(m.startswith('fastai') for m in sys.modules)"
-    subprocess.run([sys.executable, '-c', code], check=True)
+    for mod in ('fastdcm.core', 'fastdcm.pixels'):
+        code = f"import {mod}, sys; bad = [m for m in sys.modules if m.split('.')[0] == 'fastai']; assert not bad, bad"
+        subprocess.run([sys.executable, '-c', code], check=True)
 
 @pytest.mark.parametrize('name', ['CT_small.dcm', 'MR_small.dcm', 'MR_small_implicit.dcm', 'rtdose.dcm',
                                   'rtdose_1frame.dcm', 'examples_overlay.dcm', 'image_dfl.dcm', 'examples_palette.dcm'])
