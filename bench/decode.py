@@ -32,7 +32,7 @@ def write_ct(fn, arr, i, study, series):
     ds.DataCollectionDiameter, ds.ReconstructionDiameter = 500, 360
     ds.GantryDetectorTilt, ds.TableHeight, ds.ExposureTime, ds.XRayTubeCurrent = 0, 150, 500, 300
     ds.ConvolutionKernel, ds.PatientPosition = 'B30f', 'HFS'
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, study + '.1'
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, generate_uid(entropy_srcs=[study])  # one frame of reference per study
     ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = '1', 1, i + 1
     ds.ImagePositionPatient, ds.ImageOrientationPatient = [-180, -180, -i*1.0], [1, 0, 0, 0, 1, 0]
     ds.SliceLocation, ds.PositionReferenceIndicator = -i*1.0, ''
