@@ -33,15 +33,20 @@ __all__ = ['data_norm_stats', 'pretrained_norm_stats', 'RecalibrateBN', 'vision_
 # %% ../nbs/06_learner.ipynb #7f117642
 def _has_norm(dls): return bool(dls.after_batch.fs.filter(lambda t: isinstance(t, Normalize)))
 
-def data_norm_stats(dls, n_batches:int=1, x=None) -> tuple:
-    "Per-channel (mean, std) of the first input of `n_batches` training batches (or of the batch `x`)."
-    xs = [] if x is None else [x]
-    while len(xs)<n_batches: xs.append(dls.one_batch()[0])
-    x = torch.cat([o.as_subclass(torch.Tensor).float().cpu() for o in xs])
-    flat = x.transpose(0,1).flatten(1)
-    mean, std = flat.mean(1), flat.std(1)
+def data_norm_stats(dls, n_batches:int=8) -> tuple:
+    "Per-channel (mean, std) of the inputs of up to `n_batches` distinct training batches (all of a smaller set)."
+    # one batch is a poor sample when bit depths or modalities are mixed: a batch of 12-bit CR next to one of
+    # 8-bit US can differ by several standard deviations, so pool distinct batches (float64 sums, any device)
+    n = s = ss = 0
+    for i,b in enumerate(dls.train.new(drop_last=False)):
+        if i >= n_batches: break
+        x = b[0].as_subclass(torch.Tensor).double().transpose(0,1).flatten(1)
+        n, s, ss = n + x.shape[1], s + x.sum(1), ss + (x*x).sum(1)
+    if n == 0: raise ValueError('no training batch to measure normalisation statistics on: is the training set empty?')
+    mean = s/n
+    std = ((ss/n - mean*mean).clamp_min(0) * n/max(n-1, 1)).sqrt()
     std = torch.where(std>1e-6, std, torch.ones_like(std))    # a constant channel (a saturated window) stays put
-    return mean.tolist(), std.tolist()
+    return mean.float().cpu().tolist(), std.float().cpu().tolist()
 
 def pretrained_norm_stats(n_in:int, stats=imagenet_stats) -> tuple:
     "Stats matching fastai's first-layer adaptation of a 3-channel pretrained model to `n_in` channels."
@@ -88,7 +93,7 @@ def _prepare(dls, arch, normalize, n_in, pretrained, norm_batches):
     if normalize and not _has_norm(dls):
         meta = _fv.model_meta.get(arch, _fv._default_meta) if not isinstance(arch, str) else {}
         stats = (pretrained_norm_stats(n_in, meta.get('stats') or imagenet_stats) if pretrained
-                 else data_norm_stats(dls, norm_batches, x=x))
+                 else data_norm_stats(dls, norm_batches))
         dls.add_tfms([Normalize.from_stats(*stats)], 'after_batch')
     return n_in
 
@@ -97,7 +102,7 @@ def _bn_cbs(cbs, pretrained, recalibrate_bn):
     return listify(cbs) + [RecalibrateBN()]
 
 @delegates(_fv.vision_learner)
-def vision_learner(dls, arch, normalize=True, n_in=None, pretrained=True, norm_batches:int=1, recalibrate_bn=None,
+def vision_learner(dls, arch, normalize=True, n_in=None, pretrained=True, norm_batches:int=8, recalibrate_bn=None,
                    cbs=None, **kwargs):
     "fastai's `vision_learner` with `n_in` inferred from the DICOM batch and normalisation suited to `pretrained`."
     n_in = _prepare(dls, arch, normalize, n_in, pretrained, norm_batches)
@@ -105,7 +110,7 @@ def vision_learner(dls, arch, normalize=True, n_in=None, pretrained=True, norm_b
                               cbs=_bn_cbs(cbs, pretrained, recalibrate_bn), **kwargs)
 
 @delegates(_fv.unet_learner)
-def unet_learner(dls, arch, normalize=True, n_in=None, pretrained=True, norm_batches:int=1, recalibrate_bn=None,
+def unet_learner(dls, arch, normalize=True, n_in=None, pretrained=True, norm_batches:int=8, recalibrate_bn=None,
                  cbs=None, **kwargs):
     "fastai's `unet_learner` (segmentation) with `n_in` inferred from the DICOM batch and suitable normalisation."
     n_in = _prepare(dls, arch, normalize, n_in, pretrained, norm_batches)
