@@ -45,7 +45,11 @@ _fname = source_name  # the name used in error messages for `src`
 _RAW_KINDS = {'SamplesPerPixel': 'US', 'Rows': 'US', 'Columns': 'US', 'BitsAllocated': 'US', 'BitsStored': 'US',
               'PixelRepresentation': 'US', 'PixelPaddingValue': 'US', 'PixelPaddingRangeLimit': 'US',
               'NumberOfFrames': 'IS', 'RescaleSlope': 'DS', 'RescaleIntercept': 'DS',
-              'PhotometricInterpretation': 'CS', 'PresentationLUTShape': 'CS', 'VOILUTFunction': 'CS'}
+              'PhotometricInterpretation': 'CS', 'PresentationLUTShape': 'CS', 'VOILUTFunction': 'CS',
+              # and what `fastdcm.volume` reads from every slice header to sort and check a series ('*': multi-valued)
+              'ImagePositionPatient': 'DS*', 'ImageOrientationPatient': 'DS*', 'PixelSpacing': 'DS*',
+              'SliceThickness': 'DS', 'InstanceNumber': 'IS', 'SeriesNumber': 'IS', 'ImageType': 'CS*',
+              'Modality': 'CS', 'SeriesInstanceUID': 'UI', 'StudyInstanceUID': 'UI'}
 _RAW_TAGS = {k: pydicom.datadict.tag_for_keyword(k) for k in _RAW_KINDS}
 
 def _get(ds, kw, default=None):
@@ -55,12 +59,16 @@ def _get(ds, kw, default=None):
         v = raw.value
         if _RAW_KINDS[kw] == 'US':
             if len(v) == 2: return struct.unpack('<H' if raw.is_little_endian else '>H', v)[0]
-        else:
+        else:   # text VRs (PS3.5 6.2): ASCII, backslash between values, padded with spaces (UI: with a NUL)
             txt = v.decode('latin-1').strip(' \0')
             if not txt: return default
-            if '\\' not in txt:
-                try: return txt if _RAW_KINDS[kw] == 'CS' else int(txt) if _RAW_KINDS[kw] == 'IS' else float(txt)
-                except ValueError: pass   # let pydicom convert (and judge) it
+            kind = _RAW_KINDS[kw]
+            try:
+                if kind.endswith('*'):   # multi-valued: always a tuple, even of one value
+                    vals = tuple(s.strip(' \0') for s in txt.split('\\'))
+                    return vals if kind == 'CS*' else tuple(float(s) for s in vals)
+                if '\\' not in txt: return txt if kind in ('CS', 'UI') else int(txt) if kind == 'IS' else float(txt)
+            except ValueError: pass   # let pydicom convert (and judge) it
     v = ds.get(kw, default)
     return default if v is None else v
 
@@ -149,28 +157,34 @@ def modality_params(ds:Dataset, frame:int|None=None):
         if slope not in (None, '') or icpt not in (None, ''): return ('rescale', _float(slope, 1.), _float(icpt, 0.))
     return None
 
-def _apply_modality(arr, spec, ds):
-    if spec is None: return arr.astype(np.float32)
-    if spec[0] == 'rescale':
-        out = arr.astype(np.float32)
+def _apply_modality(arr, spec, ds, out=None):
+    "`arr` through the Modality LUT `spec` as float32, written into `out` (same shape) when given."
+    if spec is not None and spec[0] == 'lut':
+        table, first, _ = _lut_data(spec[1], ds)
+        res = table[np.clip(arr.astype(np.int64) - first, 0, len(table)-1)]
+        if out is None: return res
+        out[...] = res
+        return out
+    if out is None: out = arr.astype(np.float32)
+    else: np.copyto(out, arr, casting='unsafe')   # stored integers are exact in float32 (<= 24 bits)
+    if spec is not None:
         if spec[1] != 1: out *= np.float32(spec[1])
         if spec[2] != 0: out += np.float32(spec[2])
-        return out
-    table, first, _ = _lut_data(spec[1], ds)
-    idx = np.clip(arr.astype(np.int64) - first, 0, len(table)-1)
-    return table[idx]
+    return out
 
 def _per_frame(ds, frame, arr):
     "True when `arr` holds all frames of an enhanced object, so parameters must be looked up frame by frame."
     return frame is None and _is_enhanced(ds) and n_frames(ds) > 1 and arr.ndim >= 3
 
-def modality_lut(arr:np.ndarray, ds:Dataset, frame:int|None=None) -> np.ndarray:
-    "Apply the Modality LUT (Rescale Slope/Intercept or Modality LUT Sequence, PS3.3 C.11.1) to stored values `arr`, as float32."
+def modality_lut(arr:np.ndarray, ds:Dataset, frame:int|None=None, out:np.ndarray|None=None) -> np.ndarray:
+    "Apply the Modality LUT (Rescale Slope/Intercept or Modality LUT Sequence, PS3.3 C.11.1) to stored values `arr`, as float32 (into `out` when given)."
     arr = np.asarray(arr)
-    if not _per_frame(ds, frame, arr): return _apply_modality(arr, modality_params(ds, frame), ds)
+    if not _per_frame(ds, frame, arr): return _apply_modality(arr, modality_params(ds, frame), ds, out)
     specs = [modality_params(ds, i) for i in range(len(arr))]
-    if all(s == specs[0] for s in specs): return _apply_modality(arr, specs[0], ds)
-    return np.stack([_apply_modality(a, s, ds) for a, s in zip(arr, specs)])
+    if all(s == specs[0] for s in specs): return _apply_modality(arr, specs[0], ds, out)
+    if out is None: out = np.empty(arr.shape, np.float32)
+    for a, s, o in zip(arr, specs, out): _apply_modality(a, s, ds, o)
+    return out
 
 # %% ../nbs/01_pixels.ipynb #720f4310
 VOI_FUNCTIONS = ('LINEAR', 'LINEAR_EXACT', 'SIGMOID')
@@ -475,18 +489,29 @@ def _colour_bits(ds, arr):
 
 # %% ../nbs/01_pixels.ipynb #2b53e270
 def dicom_pixels(src, stage:str='modality', frame:int|None=None, window=None, pad_value:float|None=None,
-                 header:Dataset|None=None) -> np.ndarray:
-    "Decode `src` (path, bytes or Dataset) to float32 pixels at `stage` ('stored', 'modality' or 'display') per PS3.3 C.11; `header`: `src`'s own `stop_before_pixels` Dataset, already read, so it isn't parsed again."
+                 header:Dataset|None=None, out:np.ndarray|None=None) -> np.ndarray:
+    "Decode `src` (path, bytes or Dataset) to float32 pixels at `stage` ('stored', 'modality' or 'display') per PS3.3 C.11; `header`: `src`'s own `stop_before_pixels` Dataset, already read, so it isn't parsed again; `out`: a float32 array of the result's shape to write into (and return)."
     if stage not in STAGES: raise ValueError(f"stage must be one of {STAGES}, not {stage!r}")
     if header is not None: _check_header(src, header)
-    try: return _pixels(src, stage, frame, window, pad_value, header)
+    if out is not None and not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.writeable):
+        raise TypeError(f'out must be a writeable float32 numpy array, not {type(out).__name__} {getattr(out, "dtype", "")}')
+    try:
+        res = _pixels(src, stage, frame, window, pad_value, header, out)
+        if out is None or res is out: return res
+        _check_out(out, res.shape, _fname(src))
+        out[...] = res
+        return out
     except (DicomError, FrameIndexError, FileNotFoundError): raise
     except Exception as e:
         # a header value that makes no sense (corrupt LUT descriptor, text where numbers belong, an unknown VR that
         # pydicom only converts when read...): still a typed error naming the file, with the cause chained
         raise PixelDecodeError(_fname(src), f'inconsistent header: {type(e).__name__}: {e}') from e
 
-def _pixels(src, stage, frame, window, pad_value, header=None):
+def _check_out(out, shape, name):
+    if out.shape != tuple(shape):
+        raise PixelDecodeError(name, f'decodes to shape {tuple(shape)}, but `out` has shape {out.shape}')
+
+def _pixels(src, stage, frame, window, pad_value, header=None, out=None):
     ds, stored, name = _load(src, frame, header)
     pi = str(_get(ds, 'PhotometricInterpretation', '')).strip()
     spp = int(_get(ds, 'SamplesPerPixel', 1) or 1)
@@ -509,7 +534,8 @@ def _pixels(src, stage, frame, window, pad_value, header=None):
         out = rgb.astype(np.float32) / np.float32(np.iinfo(rgb.dtype).max if rgb.dtype.kind in 'ui' else 1)
         if mask.any(): out[mask] = 0. if pad_value is None else pad_value
         return out
-    mod = modality_lut(stored, ds, frame)
+    if stage == 'modality' and out is not None: _check_out(out, stored.shape, name)
+    mod = modality_lut(stored, ds, frame, out if stage == 'modality' else None)   # written straight into `out`
     if mask.any():
         real = mod[~mask]
         mod[mask] = (real.min() if real.size else 0.) if pad_value is None or stage == 'display' else pad_value

@@ -15,7 +15,7 @@ import torch
 from fastprogress.fastprogress import progress_bar
 from fastcore.basics import store_attr
 from .core import DicomError, dcmread, get_dicom_files
-from .pixels import dicom_pixels, voi_lut_function
+from .pixels import dicom_pixels, voi_lut_function, _get
 from .augment import dicom_windows
 
 # %% auto #0
@@ -51,7 +51,9 @@ def _fg_value(ds, i, seq, kw):
     return ds.get(kw)
 
 def _is_localizer(ds):
-    return any(str(t).upper()=='LOCALIZER' for t in (ds.get('ImageType') or []))
+    types = _get(ds, 'ImageType') or ()
+    if isinstance(types, str): types = (types,)   # one value, converted by pydicom: a str, not a list
+    return any(str(t).upper()=='LOCALIZER' for t in types)
 
 # %% ../nbs/07_volume.ipynb #74e36903
 def _int(v):
@@ -59,18 +61,20 @@ def _int(v):
     except (TypeError, ValueError): return None
 
 def _records_from_dataset(fn, ds) -> list:
-    nf = _int(ds.get('NumberOfFrames')) or 1
-    common = dict(fname=str(fn), SeriesInstanceUID=str(ds.get('SeriesInstanceUID', '')),
-                  StudyInstanceUID=str(ds.get('StudyInstanceUID', '')), PatientID=str(ds.get('PatientID', '')),
-                  Modality=str(ds.get('Modality', '')), SeriesDescription=str(ds.get('SeriesDescription', '')),
-                  SeriesNumber=_int(ds.get('SeriesNumber')), InstanceNumber=_int(ds.get('InstanceNumber')),
-                  rows=_int(ds.get('Rows')), columns=_int(ds.get('Columns')), samples=_int(ds.get('SamplesPerPixel')) or 1,
-                  localizer=_is_localizer(ds), n_frames=nf)
+    nf = _int(_get(ds, 'NumberOfFrames')) or 1
+    # `_get` reads the plain numbers and codes straight from pydicom's raw elements (the per-slice cost of a
+    # checked load is mostly pydicom converting DS strings); names (PN/LO, character-set dependent) go through pydicom
+    common = dict(fname=str(fn), SeriesInstanceUID=str(_get(ds, 'SeriesInstanceUID', '')),
+                  StudyInstanceUID=str(_get(ds, 'StudyInstanceUID', '')), PatientID=str(ds.get('PatientID', '')),
+                  Modality=str(_get(ds, 'Modality', '')), SeriesDescription=str(ds.get('SeriesDescription', '')),
+                  SeriesNumber=_int(_get(ds, 'SeriesNumber')), InstanceNumber=_int(_get(ds, 'InstanceNumber')),
+                  rows=_int(_get(ds, 'Rows')), columns=_int(_get(ds, 'Columns')),
+                  samples=_int(_get(ds, 'SamplesPerPixel')) or 1, localizer=_is_localizer(ds), n_frames=nf)
     enhanced = 'PerFrameFunctionalGroupsSequence' in ds or 'SharedFunctionalGroupsSequence' in ds
     recs = []
     for i in range(nf):
         # functional groups first for enhanced objects (per frame, then shared), top level only for the others
-        value = (lambda seq, kw: _fg_value(ds, i, seq, kw)) if enhanced else (lambda seq, kw: ds.get(kw))
+        value = (lambda seq, kw: _fg_value(ds, i, seq, kw)) if enhanced else (lambda seq, kw: _get(ds, kw))
         rec = dict(common, frame=i if nf>1 else None,
                    position=_floats(value('PlanePositionSequence', 'ImagePositionPatient'), 3),
                    orientation=_floats(value('PlaneOrientationSequence', 'ImageOrientationPatient'), 6),
@@ -343,12 +347,13 @@ def _decode_into(recs, order, stage, pad_value, progress, headers=None):
     headers = headers or {}
     it = progress_bar(list(by_file.items()), leave=False) if progress else by_file.items()
     for fn,slots in it:
-        px = dicom_pixels(fn, stage=stage, pad_value=pad_value, header=headers.pop(fn, None))
-        if len(slots)==1 and slots[0][1] is None:
-            arr[slots[0][0]] = _checked(px, arr.shape[1:], fn)
-        else:
-            _checked(px, arr.shape[1:], fn, frames=True)
-            for k,f in slots: arr[k] = px[f]
+        header = headers.pop(fn, None)
+        if len(slots)==1 and slots[0][1] is None:   # a single-frame file: decoded straight into its slot
+            dicom_pixels(fn, stage=stage, pad_value=pad_value, header=header, out=arr[slots[0][0]])
+            continue
+        px = dicom_pixels(fn, stage=stage, pad_value=pad_value, header=header)
+        _checked(px, arr.shape[1:], fn, frames=True)
+        for k,f in slots: arr[k] = px[f]
         del px
     return arr
 

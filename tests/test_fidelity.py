@@ -143,6 +143,8 @@ def test_enhanced_per_frame_rescale(enhanced):
     exp = STORED * SLOPES[:, None, None] + INTERCEPTS[:, None, None]
     np.testing.assert_allclose(dicom_pixels(enhanced), exp, atol=1e-4)
     for i in range(3): np.testing.assert_allclose(dicom_pixels(enhanced, frame=i), exp[i], atol=1e-4)
+    out = np.full(exp.shape, np.nan, np.float32)                         # per frame, in place
+    assert dicom_pixels(enhanced, out=out) is out; np.testing.assert_allclose(out, exp, atol=1e-4)
     # pydicom reads the top-level decoy (issue 2353): we must not agree with it
     ds = pydicom.dcmread(enhanced)
     assert not np.allclose(apply_modality_lut(ds.pixel_array, ds), exp)
@@ -218,6 +220,8 @@ def test_modality_lut_sequence_matches_pydicom(tmp_path):
     f = write_dicom(tmp_path/'mlut.dcm', st, ModalityLUTSequence=_seq(LUTDescriptor=[256, 10, 16], LUTData=table.tolist()))
     ds = pydicom.dcmread(f)
     np.testing.assert_allclose(dicom_pixels(f), apply_modality_lut(ds.pixel_array, ds))
+    out = np.full(st.shape, np.nan, np.float32)                          # the LUT written in place
+    assert dicom_pixels(f, out=out) is out; np.testing.assert_allclose(out, apply_modality_lut(ds.pixel_array, ds))
 
 @pytest.mark.parametrize('dtype,bits', [(np.int16, 12), (np.uint16, 12), (np.int8, 6), (np.uint8, 8), (np.int32, 20), (np.uint32, 32)])
 def test_fast_path_unused_bits(tmp_path, dtype, bits):

@@ -126,3 +126,51 @@ def test_header_argument_refuses_another_files_header(tmp_path):
     with pytest.raises(TypeError, match='Dataset'): dicom_pixels(CT, header={'Rows': 128})
     cut = tmp_path/'cut.dcm'; cut.write_bytes(Path(CT).read_bytes()[:-1000])
     with pytest.raises(TruncatedDicomError, match='cut.dcm'): dicom_pixels(cut, header=dcmread(cut, stop_before_pixels=True))
+
+@pytest.mark.parametrize('name', ['CT_small.dcm', 'MR_small.dcm', 'rtdose.dcm', 'MR_small_RLE.dcm', 'SC_rgb_jpeg_dcmtk.dcm',
+                                  'examples_palette.dcm', 'MR_small_bigendian.dcm', 'image_dfl.dcm'])
+@pytest.mark.parametrize('stage', ['stored', 'modality', 'display'])
+def test_out_argument_writes_in_place(name, stage):
+    "dicom_pixels(f, out=a) fills `a` with exactly dicom_pixels(f) and returns it (modality stage: computed in `a` itself)."
+    f = get_testdata_file(name)
+    ref = dicom_pixels(f, stage)
+    out = np.full(ref.shape, np.nan, np.float32)
+    assert dicom_pixels(f, stage, out=out) is out
+    np.testing.assert_array_equal(out, ref)
+    view = np.full((2, *ref.shape), np.nan, np.float32)                       # a slot of a bigger array, like a volume's
+    dicom_pixels(f, stage, out=view[1]); np.testing.assert_array_equal(view[1], ref); assert np.isnan(view[0]).all()
+
+def test_out_argument_is_checked():
+    with pytest.raises(PixelDecodeError, match=r'CT_small.dcm.*\(128, 128\).*\(64, 128\)'):
+        dicom_pixels(CT, out=np.zeros((64, 128), np.float32))
+    with pytest.raises(PixelDecodeError, match='CT_small.dcm'): dicom_pixels(CT, 'display', out=np.zeros((64, 128), np.float32))
+    with pytest.raises(TypeError, match='float32'): dicom_pixels(CT, out=np.zeros((128, 128), np.float64))
+    with pytest.raises(TypeError, match='float32'): dicom_pixels(CT, out=[[0.]*128]*128)
+
+def _raw_values_of(f):
+    "Every raw-read keyword of the pipeline in file `f`: (what `_get` reads from the raw bytes, pydicom's conversion)."
+    from fastdcm.pixels import _get, _RAW_KINDS
+    raw, conv = dcmread(f, stop_before_pixels=True), pydicom.dcmread(f, stop_before_pixels=True)
+    return [(kw, _get(raw, kw), conv.get(kw)) for kw in _RAW_KINDS if kw in conv]
+
+def test_raw_header_values_match_pydicom():
+    "The raw reader of hot header values agrees with pydicom's own conversion on every pydicom test file that has them."
+    from pydicom.data import get_testdata_files
+    checked = set()
+    for f in get_testdata_files('*.dcm'):
+        try: pairs = _raw_values_of(f)
+        except Exception: continue            # files pydicom itself can't read (deliberately broken test data)
+        for kw, got, exp in pairs:
+            if exp is None or exp == '': continue
+            exp_t = tuple(exp) if isinstance(exp, pydicom.multival.MultiValue) else exp
+            if isinstance(got, tuple) and not isinstance(exp_t, tuple): exp_t = (exp_t,)   # one value of a multi-valued kw
+            if isinstance(got, tuple):
+                assert len(got) == len(exp_t) and all((float(a) == float(b)) if not isinstance(a, str) else a == str(b).strip()
+                                                      for a, b in zip(got, exp_t)), (f, kw, got, exp)
+            elif isinstance(got, str): assert got == str(exp).strip(), (f, kw, got, exp)
+            elif kw.startswith('PixelPadding'): assert got == int(exp) % 2**16, (f, kw, got, exp)   # US or SS: read as US, signed later
+            else: assert float(got) == float(exp), (f, kw, got, exp)
+            checked.add(kw)
+    # the geometry and code keywords were all met somewhere
+    assert {'ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing', 'SliceThickness', 'InstanceNumber',
+            'ImageType', 'Modality', 'SeriesInstanceUID', 'RescaleSlope', 'Rows'} <= checked, checked

@@ -145,9 +145,10 @@ def test_inconsistent_shape_and_orientation(tmp_path):
     ds = pydicom.dcmread(truth[2]); ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]; ds.save_as(truth[2])
     with pytest.raises(SeriesError, match='inconsistent orientation'): load_series(tmp_path)
 
-def test_localizer_left_out(tmp_path):
+@pytest.mark.parametrize('image_type', [['ORIGINAL', 'PRIMARY', 'LOCALIZER'], 'LOCALIZER'])
+def test_localizer_left_out(tmp_path, image_type):
     truth = synth_ct_series(tmp_path, n_slices=6, size=32, seed=9)
-    ds = pydicom.dcmread(truth[0]); ds.ImageType = ['ORIGINAL', 'PRIMARY', 'LOCALIZER']
+    ds = pydicom.dcmread(truth[0]); ds.ImageType = image_type          # (one value: a str, not a list, in pydicom)
     ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]; ds.SOPInstanceUID = generate_uid()
     ds.save_as(tmp_path/'SCOUT')
     with pytest.warns(UserWarning, match='localizer'): vol = load_series(tmp_path)
