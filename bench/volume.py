@@ -1,6 +1,6 @@
 """Benchmark `fastdcm.volume.load_series` on a 256-slice 512x512 CT series against its anchors.
 
-    python bench/volume.py [--slices 256] [--size 512] [--repeats 3]
+    python bench/volume.py [--slices 256] [--size 512] [--repeats 5]
 
 Prints, from one run:
 - time ratio: `load_series(folder)` / sum over the slices of `dicom_pixels(file)` timed one by one   (goal <= 1.2)

@@ -74,8 +74,10 @@ def atomic_write(path, write_fn):
         if tmp.exists(): tmp.unlink()
     return path
 
-def _clean_tmp(dst:Path):
-    for p in dst.rglob(f'.*{_TMP_SUFFIX}'): p.unlink()
+def _clean_tmp(dst:Path, src:Path|None=None):
+    "Remove temporary files left in `dst` by an interrupted run, never touching anything under `src`."
+    for p in dst.rglob(f'.*{_TMP_SUFFIX}'):
+        if src is None or not (p == src or src in p.parents): p.unlink()
 
 # %% ../nbs/08_export.ipynb #7ccdfdde
 def quantize16(x, stage:str='modality', slope:float|None=None):
@@ -227,9 +229,11 @@ def deidentify(ds:Dataset, salt=None) -> Dataset:
 def _check_dirs(src, dst):
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if not src.exists(): raise FileNotFoundError(f'{src}: no such file or folder')
+    # a single file's folder is its source tree: converting `scans/a.dcm` into `scans/` or `scans/png` is refused too
     root = src if src.is_dir() else src.parent
-    if dst==src or src in dst.parents:
-        raise ValueError(f'destination {dst} is inside the source {src}: fastdcm never writes inside the source')
+    if dst==root or root in dst.parents:
+        what = f'the source {src}' if src.is_dir() else f'the source folder {root} of {src.name}'
+        raise ValueError(f'destination {dst} is inside {what}: fastdcm never writes inside the source')
     return src, root, dst
 
 def _reason(e, fn, hide_path):
@@ -314,7 +318,7 @@ def convert(src, dst, format:str='png16', stage:str='modality', anonymize:bool=F
     src, root, dst = _check_dirs(src, dst)
     key = resolve_salt(salt)
     files = get_dicom_files(src)
-    dst.mkdir(parents=True, exist_ok=True); _clean_tmp(dst)
+    dst.mkdir(parents=True, exist_ok=True); _clean_tmp(dst, root)
     _check_settings(dst, {'command': 'convert', 'format': format, 'stage': stage, 'anonymize': anonymize,
                           'salt_check': pseudonym('salt check', key, n=8)})
     jobs = [(f, f.relative_to(root)) for f in files]
@@ -356,7 +360,7 @@ def anonymize(src, dst, salt=None, workers:int|None=None, progress:bool=True, sk
     src, root, dst = _check_dirs(src, dst)
     key = resolve_salt(salt)
     files = get_dicom_files(src)
-    dst.mkdir(parents=True, exist_ok=True); _clean_tmp(dst)
+    dst.mkdir(parents=True, exist_ok=True); _clean_tmp(dst, root)
     _check_settings(dst, {'command': 'anonymize', 'salt_check': pseudonym('salt check', key, n=8)})
     jobs = [(f, f.relative_to(root)) for f in files]
     results = _run_jobs(partial(_anonymize_one, key=key, skip_burned_in=skip_burned_in, dst=dst), jobs, workers, progress, 'anonymize')

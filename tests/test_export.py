@@ -213,7 +213,21 @@ def test_single_file(tree, tmp_path):
     assert res['done'] == 1 and (tree.parent/'one'/'IM0001.npy').exists()
     np.testing.assert_array_equal(read_converted(tree.parent/'one'/'IM0001.npy'), dicom_pixels(f))
     with pytest.raises(ValueError, match='inside the source'): convert(tree/'Doe_Jane', tree/'Doe_Jane'/'study1'/'x', progress=False)
+    for dst in (f.parent, f.parent/'png', f.parent/'a'/'b'):                   # the file's own folder is its source tree
+        with pytest.raises(ValueError, match='inside the source folder'): convert(f, dst, progress=False)
+        with pytest.raises(ValueError, match='inside the source folder'): anonymize(f, dst, progress=False)
     assert tree_hash(tree) == before
+
+def test_leftover_cleaning_never_touches_the_source(tree, tmp_path):
+    "A destination above the source: temporary-looking files inside the source are the user's, and stay."
+    import shutil
+    src = tmp_path/'data'/'scans'; shutil.copytree(tree, src)
+    user_file = src/'Doe_Jane'/'.notes.fastdcm-tmp'; user_file.write_text('mine')
+    stale = tmp_path/'data'/'x'/'.IM.png.123.fastdcm-tmp'; stale.parent.mkdir(parents=True); stale.write_text('stale')
+    before = tree_hash(src)
+    convert(src, tmp_path/'data', 'npy', progress=False)
+    assert user_file.read_text() == 'mine' and tree_hash(src) == before
+    assert not stale.exists()                                                 # our own leftovers outside it: removed
 
 def test_salt_from_environment(tree, tmp_path, monkeypatch):
     monkeypatch.setenv('FASTDCM_SALT', SALT)
