@@ -179,6 +179,18 @@ def test_presentation_lut_shape_inverse(tmp_path):
     f = write_dicom(tmp_path/'inv.dcm', st, bits_stored=12, PresentationLUTShape='INVERSE', WindowCenter=2000, WindowWidth=1000)
     np.testing.assert_allclose(dicom_pixels(f, 'display'), 1 - lin(st*1., 2000, 1000), atol=1e-6)
 
+@pytest.mark.parametrize('photometric', ['MONOCHROME2', 'MONOCHROME1'])
+def test_presentation_lut_sequence(tmp_path, photometric):
+    "A Presentation LUT Sequence (PS3.3 C.11.4) maps the VOI output, as 256 P-values of 10 bits; it replaces the inversion."
+    st = RNG.integers(0, 4096, size=(8, 8)).astype(np.uint16)
+    table = np.round(1023 * (np.arange(256)/255)**0.5).astype(np.uint16)        # a gamma curve, first mapped 0
+    f = write_dicom(tmp_path/'plut.dcm', st, bits_stored=12, photometric=photometric, WindowCenter=2000, WindowWidth=1000,
+                    PresentationLUTSequence=_seq(LUTDescriptor=[256, 0, 10], LUTData=table.tolist()))
+    voi = lin(st*1., 2000, 1000)
+    exp = table[np.rint(voi*255).astype(int)] / 1023
+    np.testing.assert_allclose(dicom_pixels(f, 'display'), exp, atol=1e-6)
+    assert not np.allclose(dicom_pixels(f, 'display'), voi, atol=1e-2)       # the table did something
+
 def test_padding_value_signed_12bit(tmp_path):
     st = RNG.integers(-500, 1500, size=(16, 16)).astype(np.int16)
     st[:3] = -2000; st[-1, :4] = -2001  # -2001 is below padding but not padding

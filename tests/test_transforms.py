@@ -259,6 +259,21 @@ def test_seg_fractional_thresholded(tmp_path):
     np.testing.assert_array_equal(open_dicom_mask(fn).numpy(), expected)
     assert 0.2 < (expected > 0).mean() < 0.95       # the threshold really splits the values
 
+@pytest.mark.parametrize('syntax', ['RLELossless', 'JPEG2000Lossless'])
+@pytest.mark.parametrize('kind', ['FRACTIONAL', 'LABELMAP'])
+def test_seg_compressed(tmp_path, kind, syntax):
+    "SEG objects in compressed transfer syntaxes (as archives store them) give the same masks as uncompressed ones."
+    import pydicom.uid
+    rng = np.random.default_rng(4)
+    frames = rng.random((2, 64, 64)) if kind == 'FRACTIONAL' else rng.integers(0, 4, (1, 64, 64))   # J2K: >= 32 px
+    segs = [1, 3] if kind == 'FRACTIONAL' else [1]
+    plain = write_seg_file(tmp_path/'plain.dcm', frames, segs, kind=kind)
+    ds = pydicom.dcmread(plain); ds.compress(getattr(pydicom.uid, syntax)); ds.save_as(tmp_path/'packed.dcm')
+    assert pydicom.dcmread(tmp_path/'packed.dcm').file_meta.TransferSyntaxUID.is_compressed
+    exp = open_dicom_mask(plain).numpy()
+    assert len(np.unique(exp)) > 1
+    np.testing.assert_array_equal(open_dicom_mask(tmp_path/'packed.dcm').numpy(), exp)
+
 def test_seg_several_planes_needs_frame(tmp_path):
     rng = np.random.default_rng(4)
     a, b, c = (rng.random((3, 8, 8)) < 0.5)
