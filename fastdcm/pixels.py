@@ -537,8 +537,10 @@ def _pixels(src, stage, frame, window, pad_value, header=None, out=None):
     if stage == 'modality' and out is not None: _check_out(out, stored.shape, name)
     mod = modality_lut(stored, ds, frame, out if stage == 'modality' else None)   # written straight into `out`
     if mask.any():
-        real = mod[~mask]
-        mod[mask] = (real.min() if real.size else 0.) if pad_value is None or stage == 'display' else pad_value
+        if pad_value is None or stage == 'display':
+            lo = mod.min(where=~mask, initial=np.inf)        # the smallest real value, without copying them out
+            mod[mask] = lo if np.isfinite(lo) else 0.
+        else: mod[mask] = pad_value
     if stage == 'modality': return mod
     out = _display_gray(mod, ds, window, frame, name, mask)
     if mask.any(): out[mask] = 0. if pad_value is None else pad_value
