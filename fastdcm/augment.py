@@ -18,11 +18,11 @@ from fastai.vision.augment import (RandTransform, aug_transforms, LightingTfm, B
                                    PadMode, compose_tfms)
 import matplotlib.pyplot as plt
 from .pixels import voi_lut_function
-from .transforms import TensorDicom
+from .transforms import TensorDicom, plane_percentiles, _planes, _padding, _plane_hist
 
 # %% auto #0
-__all__ = ['dicom_windows', 'plane_percentiles', 'Window', 'show_windows', 'RandomWindow', 'DicomHistEq', 'DicomCLAHE',
-           'ModalityJitter', 'ModalityNoise', 'dicom_aug_transforms']
+__all__ = ['dicom_windows', 'Window', 'show_windows', 'RandomWindow', 'DicomHistEq', 'DicomCLAHE', 'ModalityJitter',
+           'ModalityNoise', 'dicom_aug_transforms']
 
 # %% ../nbs/04_augment.ipynb #9a4c1646
 dicom_windows = dict(
@@ -39,46 +39,6 @@ dicom_windows = dict(
     spine_soft=(50, 250),     # spine soft tissues W:250 L:50
     soft_tissue=(40, 400),    # generic soft tissue W:350-400 L:20-60
 )
-
-# %% ../nbs/04_augment.ipynb #9476eba2
-def _planes(x:torch.Tensor):
-    "View `x` (..., H, W) as (N, H*W) float planes."
-    return x.reshape(-1, x.shape[-2]*x.shape[-1]).float()
-
-def _padding(p:torch.Tensor):
-    "Padding mask of planes `p` (N, P): pixels at the plane minimum, unless they are over 99% of it."
-    mn = p.amin(1, keepdim=True)
-    pad = p <= mn
-    pad &= (pad.float().mean(1, keepdim=True) < 0.99)
-    return pad
-
-def _plane_hist(p, pad, nbins):
-    "Histograms (N, nbins) of the non-padding pixels of each plane over its own [lo, hi], with lo, hi and bin index."
-    big = torch.finfo(p.dtype).max
-    lo = torch.where(pad, big, p).amin(1)
-    hi = torch.where(pad, -big, p).amax(1)
-    allpad = lo > hi
-    lo,hi = torch.where(allpad, p.amin(1), lo), torch.where(allpad, p.amax(1), hi)
-    span = (hi-lo).clamp_min(1e-6)
-    pos = (p-lo[:,None]) / span[:,None] * nbins
-    idx = pos.long().clamp_(0, nbins-1)
-    n = p.shape[0]
-    flat = idx + torch.arange(n, device=p.device)[:,None]*nbins
-    counts = torch.bincount(flat.flatten(), weights=(~pad).flatten().float(), minlength=n*nbins).view(n, nbins)
-    return counts, lo, hi, pos, idx
-
-def plane_percentiles(x:torch.Tensor, q=(0.5, 99.5), nbins:int=4096) -> torch.Tensor:
-    "Percentiles `q` of each plane of `x` (..., H, W) -> (..., len(q)), padding excluded, from `nbins`-bin histograms."
-    p = _planes(x)
-    counts, lo, hi, _, _ = _plane_hist(p, _padding(p), nbins)
-    cdf = counts.cumsum(1)
-    tot = cdf[:,-1:].clamp_min(1)
-    qs = torch.tensor(q, device=p.device, dtype=p.dtype)[None].expand(p.shape[0], -1)/100 * tot
-    b = torch.searchsorted(cdf.contiguous(), qs.contiguous()).clamp_(0, nbins-1)
-    prev = torch.where(b>0, cdf.gather(1, (b-1).clamp_min(0)), torch.zeros_like(qs))
-    frac = ((qs-prev) / counts.gather(1, b).clamp_min(1)).clamp(0,1)
-    res = lo[:,None] + (b.float()+frac)/nbins*(hi-lo)[:,None]
-    return res.view(*x.shape[:-2], len(q))
 
 # %% ../nbs/04_augment.ipynb #8e66b9c5
 def _hist_eq(x:torch.Tensor, nbins:int=4096) -> torch.Tensor:

@@ -24,21 +24,55 @@ from .core import DicomError, dcmread, source_name
 from .pixels import dicom_pixels
 
 # %% auto #0
-__all__ = ['SEGMENTATION_SOP_CLASS', 'TensorDicom', 'open_dicom', 'OpenDicom', 'DicomBlock', 'DicomResize', 'DicomMaskError',
-           'open_dicom_mask', 'OpenDicomMask', 'DicomMaskBlock']
+__all__ = ['SEGMENTATION_SOP_CLASS', 'plane_percentiles', 'TensorDicom', 'open_dicom', 'OpenDicom', 'DicomBlock', 'DicomResize',
+           'DicomMaskError', 'open_dicom_mask', 'OpenDicomMask', 'DicomMaskBlock']
+
+# %% ../nbs/03_transforms.ipynb #9476eba2
+def _planes(x:torch.Tensor):
+    "View `x` (..., H, W) as (N, H*W) float planes."
+    return x.reshape(-1, x.shape[-2]*x.shape[-1]).float()
+
+def _padding(p:torch.Tensor):
+    "Padding mask of planes `p` (N, P): pixels at the plane minimum, unless they are over 99% of it."
+    mn = p.amin(1, keepdim=True)
+    pad = p <= mn
+    pad &= (pad.float().mean(1, keepdim=True) < 0.99)
+    return pad
+
+def _plane_hist(p, pad, nbins):
+    "Histograms (N, nbins) of the non-padding pixels of each plane over its own [lo, hi], with lo, hi and bin index."
+    big = torch.finfo(p.dtype).max
+    lo = torch.where(pad, big, p).amin(1)
+    hi = torch.where(pad, -big, p).amax(1)
+    allpad = lo > hi
+    lo,hi = torch.where(allpad, p.amin(1), lo), torch.where(allpad, p.amax(1), hi)
+    span = (hi-lo).clamp_min(1e-6)
+    pos = (p-lo[:,None]) / span[:,None] * nbins
+    idx = pos.long().clamp_(0, nbins-1)
+    n = p.shape[0]
+    flat = idx + torch.arange(n, device=p.device)[:,None]*nbins
+    counts = torch.bincount(flat.flatten(), weights=(~pad).flatten().float(), minlength=n*nbins).view(n, nbins)
+    return counts, lo, hi, pos, idx
+
+def plane_percentiles(x:torch.Tensor, q=(0.5, 99.5), nbins:int=4096) -> torch.Tensor:
+    "Percentiles `q` of each plane of `x` (..., H, W) -> (..., len(q)), padding excluded, from `nbins`-bin histograms."
+    p = _planes(x)
+    counts, lo, hi, _, _ = _plane_hist(p, _padding(p), nbins)
+    cdf = counts.cumsum(1)
+    tot = cdf[:,-1:].clamp_min(1)
+    qs = torch.tensor(q, device=p.device, dtype=p.dtype)[None].expand(p.shape[0], -1)/100 * tot
+    b = torch.searchsorted(cdf.contiguous(), qs.contiguous()).clamp_(0, nbins-1)
+    prev = torch.where(b>0, cdf.gather(1, (b-1).clamp_min(0)), torch.zeros_like(qs))
+    frac = ((qs-prev) / counts.gather(1, b).clamp_min(1)).clamp(0,1)
+    res = lo[:,None] + (b.float()+frac)/nbins*(hi-lo)[:,None]
+    return res.view(*x.shape[:-2], len(q))
 
 # %% ../nbs/03_transforms.ipynb #fc1b135c
 _fname = source_name  # the name used in error messages for `src`
 
 def _robust_range(x:torch.Tensor, lo=1., hi=99.):
-    "Percentiles `lo`, `hi` of `x` (any shape), leaving out padding pixels (those equal to the minimum)."
-    x = x.detach().float().flatten()
-    if x.numel()>1_000_000: x = x[torch.randperm(x.numel())[:1_000_000]] # torch.quantile has a size limit
-    mn = x.min()
-    real = x[x>mn]
-    if real.numel() < 0.01*x.numel(): real = x
-    q = torch.quantile(real, torch.tensor([lo/100, hi/100]))
-    vmin,vmax = q.tolist()
+    "Percentiles `lo`, `hi` of all of `x` (any shape) as floats, padding left out by `plane_percentiles`' rule."
+    vmin,vmax = plane_percentiles(x.detach().float().reshape(1, -1), (lo, hi)).tolist()
     if vmax<=vmin: vmin,vmax = float(x.min()), float(x.max())
     if vmax<=vmin: vmax = vmin+1.
     return vmin,vmax

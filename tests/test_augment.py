@@ -7,7 +7,8 @@ from fastai.vision.all import (DataBlock, CategoryBlock, MaskBlock, ColReader, R
                                PILMask, Pipeline, Brightness, Contrast)
 from fastdcm.transforms import TensorDicom, open_dicom, DicomBlock, DicomResize
 from fastdcm.augment import *
-from fastdcm.augment import plane_percentiles, _hist_eq
+from fastdcm.transforms import plane_percentiles
+from fastdcm.augment import _hist_eq
 
 CT = get_testdata_file('CT_small.dcm')
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
