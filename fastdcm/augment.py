@@ -15,14 +15,15 @@ from fastcore.basics import store_attr, listify
 from fastai.torch_core import TensorImage, TensorMask, TensorImageBase
 from fastai.vision.core import TensorPoint, TensorBBox
 from fastai.vision.augment import (RandTransform, aug_transforms, LightingTfm, Brightness, Contrast, Saturation,
-                                   PadMode, compose_tfms)
+                                   PadMode, compose_tfms, _grid_sample)
+from fastcore.basics import patch
 import matplotlib.pyplot as plt
 from .pixels import voi_lut_function
 from .transforms import TensorDicom, plane_percentiles, _planes, _padding, _plane_hist
 
 # %% auto #0
 __all__ = ['dicom_windows', 'Window', 'show_windows', 'RandomWindow', 'DicomHistEq', 'DicomCLAHE', 'ModalityJitter',
-           'ModalityNoise', 'dicom_aug_transforms']
+           'ModalityNoise', 'fit_projective', 'projective_grid', 'dicom_aug_transforms']
 
 # %% ../nbs/04_augment.ipynb #9a4c1646
 dicom_windows = dict(
@@ -272,6 +273,65 @@ def _register_lighting_guard():
         def encodes(self, x:TensorDicom): return _lighting_guard(self, x)
         cls(encodes)
 _register_lighting_guard()
+
+# %% ../nbs/04_augment.ipynb #52b3f376
+def _norm_coords(n:int, align_corners, device, dtype):
+    "The normalised positions of `n` output pixels, as `F.affine_grid` places them."
+    if align_corners: return torch.linspace(-1, 1, n, device=device, dtype=dtype)
+    return (torch.arange(n, device=device, dtype=dtype)*2 + 1)/n - 1
+
+_FIT_PTS = ((-1.,-1.), (1.,-1.), (1.,1.), (-1.,1.))                      # the homography is solved on these
+_CHECK_PTS = ((0.,0.), (.5,-.25), (-.75,.6), (.3,.9), (-.9,-.1))           # ... and checked on these
+
+def _map_points(f, pts, n, device):
+    "Coordinate function `f` (of fastai grids (N, H, W, 2)) applied to the points `pts`, for each of `n` images."
+    p = torch.tensor(pts, device=device, dtype=torch.float32)[None,None].expand(n, 1, -1, -1).contiguous()
+    return f(p)[:,0].double()
+
+def fit_projective(f, n:int, device='cpu'):
+    "3 x 3 matrices (n, 3, 3) of the projective maps `f` applies to fastai grid coordinates, or None if `f` isn't projective."
+    src = torch.tensor(_FIT_PTS, device=device, dtype=torch.float64)
+    dst = _map_points(f, _FIT_PTS, n, device)
+    x, y, u, v = src[:,0].expand(n,-1), src[:,1].expand(n,-1), dst[...,0], dst[...,1]
+    o, z = torch.ones_like(u), torch.zeros_like(u)
+    # u = (h0 x + h1 y + h2)/(h6 x + h7 y + 1), v = (h3 x + h4 y + h5)/(h6 x + h7 y + 1): 8 equations, 8 unknowns
+    A = torch.cat([torch.stack([x, y, o, z, z, z, -u*x, -u*y], -1), torch.stack([z, z, z, x, y, o, -v*x, -v*y], -1)], 1)
+    h, info = torch.linalg.solve_ex(A, torch.cat([u, v], 1))
+    if (info != 0).any() or not torch.isfinite(h).all(): return None
+    H = torch.cat([h, torch.ones_like(h[:,:1])], 1).view(n, 3, 3)
+    chk = torch.tensor(_CHECK_PTS, device=device, dtype=torch.float64)
+    hp = torch.cat([chk, torch.ones_like(chk[:,:1])], 1) @ H.transpose(1, 2)
+    if not torch.allclose(_map_points(f, _CHECK_PTS, n, device), hp[...,:2]/hp[...,2:], atol=1e-5): return None
+    return H
+
+def projective_grid(H:torch.Tensor, h:int, w:int, align_corners=True) -> torch.Tensor:
+    "Sampling grid (n, h, w, 2) of the projective maps `H` (n, 3, 3), built from rows and columns (as `F.affine_grid` for affine `H`)."
+    H = H.float()
+    xs, ys = _norm_coords(w, align_corners, H.device, H.dtype), _norm_coords(h, align_corners, H.device, H.dtype)
+    def plane(r): return (H[:,r,0,None]*xs)[:,None,:], (H[:,r,1,None]*ys + H[:,r,2,None])[:,:,None]
+    out = torch.empty(H.shape[0], h, w, 2, device=H.device, dtype=H.dtype)
+    den = None
+    if bool((H[:,2,:2] != 0).any()) or bool((H[:,2,2] != 1).any()): den = torch.add(*plane(2)).reciprocal_()
+    for r in range(2):
+        torch.add(*plane(r), out=out[...,r])
+        if den is not None: out[...,r].mul_(den)
+    return out
+
+@patch
+def affine_coord(x:TensorDicom, mat=None, coord_tfm=None, sz=None, mode='bilinear', pad_mode=PadMode.Reflection,
+                 align_corners=True):
+    "fastai's `TensorImage.affine_coord` with the affine `mat` and a projective `coord_tfm` (fastai's `Warp`) as one map."
+    if mat is None and coord_tfm is None and sz is None: return x
+    size = tuple(x.shape[-2:]) if sz is None else (sz,sz) if isinstance(sz,int) else tuple(sz)
+    n = x.shape[0]
+    M = torch.eye(3, device=x.device, dtype=torch.float64).repeat(n, 1, 1)
+    if mat is not None: M[:,:2] = mat.to(M)
+    if coord_tfm is not None:
+        C = fit_projective(coord_tfm, n, x.device)
+        if C is None: return TensorImage.affine_coord(x, mat, coord_tfm, sz, mode, pad_mode, align_corners)
+        M = C @ M
+    coords = projective_grid(M, *size, align_corners=align_corners)
+    return TensorImage(_grid_sample(x, coords, mode=mode, padding_mode=pad_mode, align_corners=align_corners))
 
 # %% ../nbs/04_augment.ipynb #86c0025b
 def dicom_aug_transforms(

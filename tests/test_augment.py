@@ -196,3 +196,45 @@ def test_show_windows_from_the_module():
     show_windows(Window(['brain', 'bone'])(x), max_n=2)
     assert len(plt.get_fignums()) == n + 1
     plt.close('all')
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('align_corners', [True, False])
+@pytest.mark.parametrize('size', [None, 96])
+@pytest.mark.parametrize('max_warp', [0., 0.4])
+def test_projective_geometry_matches_fastai(batch, device, align_corners, size, max_warp):
+    "TensorDicom's one-map geometry gives fastai's own result (same draws) for flip/rotate/zoom/warp, any size/corners."
+    from functools import partial
+    from fastai.vision.all import aug_transforms, TensorImage
+    from fastai.vision.augment import compose_tfms
+    b = batch.to(device)
+    tf = aug_transforms(max_rotate=30, max_zoom=1.4, max_warp=max_warp, p_affine=1., max_lighting=0.,
+                        align_corners=align_corners, size=size)[0]
+    tf.before_call(b, split_idx=0)
+    fn = partial(compose_tfms, tfms=tf.coord_fs)
+    ours = b.affine_coord(tf.mat, fn, size, 'bilinear', tf.pad_mode, align_corners)
+    theirs = TensorImage.affine_coord(b, tf.mat, fn, size, 'bilinear', tf.pad_mode, align_corners)
+    assert ours.shape == theirs.shape == (4, 1, *((size, size) if size else (128, 128)))
+    span = float(b.max() - b.min())
+    err = (ours - theirs).abs()
+    assert float(err.max()) < 1e-3*span and float(err.mean()) < 1e-6*span, (float(err.max()), span)
+    if size is None: assert float((ours - b).abs().mean()) > 1                            # it did move the image
+
+def test_projective_fit_and_fallback(batch):
+    from fastai.vision.all import TensorImage
+    H = torch.tensor([[1.1, 0.2, 0.05], [-0.1, 0.9, 0.], [0.15, -0.2, 1.]], dtype=torch.float64)[None].repeat(3, 1, 1)
+    def persp(c):                                             # a projective map as fastai's coordinate functions see it
+        hp = torch.cat([c, torch.ones_like(c[..., :1])], -1) @ H.float().transpose(1, 2)[:, None]
+        return hp[..., :2] / hp[..., 2:]
+    np.testing.assert_allclose(fit_projective(persp, 3).numpy(), H.numpy(), atol=1e-5)
+    g = projective_grid(H, 5, 7)
+    np.testing.assert_allclose(g.numpy(), persp(projective_grid(torch.eye(3, dtype=torch.float64)[None].repeat(3, 1, 1), 5, 7)).numpy(), atol=1e-5)
+    ripple = lambda c: c + 0.05*torch.sin(6*c)                # not projective: fastai's path, exactly
+    assert fit_projective(ripple, 4) is None
+    mat = torch.eye(3)[None, :2].repeat(4, 1, 1); mat[:, 0, 2] = 0.1
+    assert torch.equal(batch.affine_coord(mat, ripple), TensorImage.affine_coord(batch, mat, ripple))
+
+def test_geometry_keeps_type_and_windows(batch):
+    from fastai.vision.all import aug_transforms
+    w = Window(['brain', 'bone'])(batch)
+    out = aug_transforms(max_rotate=20, max_warp=0.3, p_affine=1., max_lighting=0.)[0](w, split_idx=0)
+    assert type(out) is TensorDicom and out.windows == ['brain', 'bone'] and out.shape == w.shape
