@@ -284,13 +284,14 @@ _FIT_PTS = ((-1.,-1.), (1.,-1.), (1.,1.), (-1.,1.))                      # the h
 _CHECK_PTS = ((0.,0.), (.5,-.25), (-.75,.6), (.3,.9), (-.9,-.1))           # ... and checked on these
 
 def _map_points(f, pts, n, device):
-    "Coordinate function `f` (of fastai grids (N, H, W, 2)) applied to the points `pts`, for each of `n` images."
-    p = torch.tensor(pts, device=device, dtype=torch.float32)[None,None].expand(n, 1, -1, -1).contiguous()
-    return f(p)[:,0].double()
+    "Coordinate function `f` (of fastai grids (N, H, W, 2) on `device`) applied to the points `pts` of each of `n` images, as float64 on the CPU."
+    p = torch.tensor(pts, dtype=torch.float32)[None,None].expand(n, 1, -1, -1).contiguous().to(device)
+    return f(p)[:,0].cpu().double()
 
 def fit_projective(f, n:int, device='cpu'):
-    "3 x 3 matrices (n, 3, 3) of the projective maps `f` applies to fastai grid coordinates, or None if `f` isn't projective."
-    src = torch.tensor(_FIT_PTS, device=device, dtype=torch.float64)
+    "3 x 3 matrices (n, 3, 3, float64, on the CPU) of the projective maps `f` applies to fastai grid coordinates on `device`, or None if `f` isn't projective."
+    # a few points each, solved in float64 on the CPU (MPS has no float64; an 8 x 8 solve per image is no GPU work)
+    src = torch.tensor(_FIT_PTS, dtype=torch.float64)
     dst = _map_points(f, _FIT_PTS, n, device)
     x, y, u, v = src[:,0].expand(n,-1), src[:,1].expand(n,-1), dst[...,0], dst[...,1]
     o, z = torch.ones_like(u), torch.zeros_like(u)
@@ -299,7 +300,7 @@ def fit_projective(f, n:int, device='cpu'):
     h, info = torch.linalg.solve_ex(A, torch.cat([u, v], 1))
     if (info != 0).any() or not torch.isfinite(h).all(): return None
     H = torch.cat([h, torch.ones_like(h[:,:1])], 1).view(n, 3, 3)
-    chk = torch.tensor(_CHECK_PTS, device=device, dtype=torch.float64)
+    chk = torch.tensor(_CHECK_PTS, dtype=torch.float64)
     hp = torch.cat([chk, torch.ones_like(chk[:,:1])], 1) @ H.transpose(1, 2)
     if not torch.allclose(_map_points(f, _CHECK_PTS, n, device), hp[...,:2]/hp[...,2:], atol=1e-5): return None
     return H
@@ -324,13 +325,13 @@ def affine_coord(x:TensorDicom, mat=None, coord_tfm=None, sz=None, mode='bilinea
     if mat is None and coord_tfm is None and sz is None: return x
     size = tuple(x.shape[-2:]) if sz is None else (sz,sz) if isinstance(sz,int) else tuple(sz)
     n = x.shape[0]
-    M = torch.eye(3, device=x.device, dtype=torch.float64).repeat(n, 1, 1)
-    if mat is not None: M[:,:2] = mat.to(M)
+    M = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
+    if mat is not None: M[:,:2] = mat.detach().cpu().double()
     if coord_tfm is not None:
         C = fit_projective(coord_tfm, n, x.device)
         if C is None: return TensorImage.affine_coord(x, mat, coord_tfm, sz, mode, pad_mode, align_corners)
         M = C @ M
-    coords = projective_grid(M, *size, align_corners=align_corners)
+    coords = projective_grid(M.float().to(x.device), *size, align_corners=align_corners)
     return TensorImage(_grid_sample(x, coords, mode=mode, padding_mode=pad_mode, align_corners=align_corners))
 
 # %% ../nbs/04_augment.ipynb #86c0025b
