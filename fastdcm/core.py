@@ -88,7 +88,7 @@ def dcmread(fn, force:bool=False, stop_before_pixels:bool=False, **kwargs) -> Da
 def _check_truncated(ds, name):
     "pydicom stops silently at EOF: a last element holding fewer bytes than its declared length means a cut file."
     if not len(ds): return
-    raw = ds._dict[list(ds.keys())[-1]]
+    raw = ds.get_item(next(reversed(ds.keys())), keep_deferred=True)   # as read: not converted
     n, v = getattr(raw, 'length', None), getattr(raw, 'value', None)
     if n is not None and n!=0xFFFFFFFF and isinstance(v, bytes) and len(v)<n:
         raise TruncatedDicomError(name, f'file ends inside element {raw.tag}: {len(v)} of its {n} bytes are there')

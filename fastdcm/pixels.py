@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from pydicom.tag import Tag
 from pydicom.pixels import apply_color_lut
 from .core import (source_name, DicomError, NotDicomError, TruncatedDicomError, NoPixelDataError, PixelDataLengthError,
                           UnsupportedTransferSyntaxError, BadWindowError, dcmread)
@@ -50,11 +51,11 @@ _RAW_KINDS = {'SamplesPerPixel': 'US', 'Rows': 'US', 'Columns': 'US', 'BitsAlloc
               'ImagePositionPatient': 'DS*', 'ImageOrientationPatient': 'DS*', 'PixelSpacing': 'DS*',
               'SliceThickness': 'DS', 'InstanceNumber': 'IS', 'SeriesNumber': 'IS', 'ImageType': 'CS*',
               'Modality': 'CS', 'SeriesInstanceUID': 'UI', 'StudyInstanceUID': 'UI'}
-_RAW_TAGS = {k: pydicom.datadict.tag_for_keyword(k) for k in _RAW_KINDS}
+_RAW_TAGS = {k: Tag(pydicom.datadict.tag_for_keyword(k)) for k in _RAW_KINDS}
 
 def _get(ds, kw, default=None):
     "`ds.get(kw, default)`, read straight from the raw bytes when pydicom hasn't converted the element yet (a hot path)."
-    raw = ds._dict.get(_RAW_TAGS[kw]) if kw in _RAW_TAGS and hasattr(ds, '_dict') else None
+    raw = ds.get_item(_RAW_TAGS[kw], keep_deferred=True) if kw in _RAW_TAGS and isinstance(ds, Dataset) else None
     if isinstance(raw, pydicom.dataelem.RawDataElement) and raw.value is not None:
         v = raw.value
         if _RAW_KINDS[kw] == 'US':
@@ -385,9 +386,8 @@ def _decode_pydicom(ds, frame, name):
 
 def _header_end(header):
     "File offset where the element after the last one pydicom read into `header` starts, from pydicom's own `value_tell` and `length`; None when it no longer knows (the last element was converted or has undefined length)."
-    d = getattr(header, '_dict', None)
-    if not d: return None
-    last = d[next(reversed(d))]
+    if not isinstance(header, Dataset) or not len(header): return None
+    last = header.get_item(next(reversed(header.keys())), keep_deferred=True)
     if not isinstance(last, pydicom.dataelem.RawDataElement) or last.value_tell is None or last.length == 0xFFFFFFFF: return None
     return last.value_tell + last.length
 

@@ -115,7 +115,7 @@ def test_header_argument_skips_the_second_parse(monkeypatch):
     monkeypatch.setattr(px, 'dcmread', no_parse)
     np.testing.assert_array_equal(dicom_pixels(CT, header=hdr), ref)
     np.testing.assert_array_equal(dicom_pixels(CT, header=hdr), ref)          # the header is left usable
-    hdr[next(reversed(hdr._dict))]                                             # converting the last element: offset unknown
+    hdr[next(reversed(hdr.keys()))]                                              # converting the last element: offset unknown
     assert px._header_end(hdr) is None
     with pytest.raises(PixelDecodeError, match='parsed again'): dicom_pixels(CT, header=hdr)   # (wrapped, as any failure)
     monkeypatch.undo()
