@@ -3,8 +3,9 @@
 Workload: 64 CT slices of 512 x 512 in HU -> 3 windows (brain, subdural, bone) + augmentation
 (flip, rotate, zoom, warp; brightness/contrast after the windows).
 
-- batch  : fastdcm, one call on the (64, 1, 512, 512) batch: geometry on the modality values, then `Window`
-           (PS3.3 LINEAR) -> 3 channels, then lighting.
+- batch  : fastdcm, one call on the (64, 1, 512, 512) batch: geometry on the modality values (fastai's draws;
+           `TensorDicom.affine_coord` builds one projective grid per image), then `Window` (PS3.3 LINEAR)
+           -> 3 channels, then lighting.
 - item/fastai.medical (the anchor): per item, fastai.medical.imaging's `Tensor.windowed` for each window (the
            classic per-item to_nchan path), stacked to a 3-channel TensorCTScan, then the same augmentation on
            that item (fastai's own lighting code).
