@@ -496,7 +496,7 @@ def dicom_pixels(src, stage:str='modality', frame:int|None=None, window=None, pa
     if out is not None and not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.writeable):
         raise TypeError(f'out must be a writeable float32 numpy array, not {type(out).__name__} {getattr(out, "dtype", "")}')
     try:
-        res = _pixels(src, stage, frame, window, pad_value, header, out)
+        res = _pixels(src, stage, frame, window, pad_value, header, into=out)
         if out is None or res is out: return res
         _check_out(out, res.shape, _fname(src))
         out[...] = res
@@ -511,7 +511,8 @@ def _check_out(out, shape, name):
     if out.shape != tuple(shape):
         raise PixelDecodeError(name, f'decodes to shape {tuple(shape)}, but `out` has shape {out.shape}')
 
-def _pixels(src, stage, frame, window, pad_value, header=None, out=None):
+def _pixels(src, stage, frame, window, pad_value, header=None, into=None):
+    "The pixels of `src` at `stage`; the modality stage is computed in `into` when given (other stages are copied there by `dicom_pixels`)."
     ds, stored, name = _load(src, frame, header)
     pi = str(_get(ds, 'PhotometricInterpretation', '')).strip()
     spp = int(_get(ds, 'SamplesPerPixel', 1) or 1)
@@ -534,8 +535,8 @@ def _pixels(src, stage, frame, window, pad_value, header=None, out=None):
         out = rgb.astype(np.float32) / np.float32(np.iinfo(rgb.dtype).max if rgb.dtype.kind in 'ui' else 1)
         if mask.any(): out[mask] = 0. if pad_value is None else pad_value
         return out
-    if stage == 'modality' and out is not None: _check_out(out, stored.shape, name)
-    mod = modality_lut(stored, ds, frame, out if stage == 'modality' else None)   # written straight into `out`
+    if stage == 'modality' and into is not None: _check_out(into, stored.shape, name)
+    mod = modality_lut(stored, ds, frame, into if stage == 'modality' else None)   # written straight into `into`
     if mask.any():
         if pad_value is None or stage == 'display':
             lo = mod.min(where=~mask, initial=np.inf)        # the smallest real value, without copying them out
