@@ -11,12 +11,11 @@ import math, random, warnings
 import numpy as np, torch
 import torch.nn.functional as F
 from functools import partial
-from fastcore.basics import store_attr, listify
+from fastcore.basics import store_attr, listify, patch
 from fastai.torch_core import TensorImage, TensorMask, TensorImageBase
 from fastai.vision.core import TensorPoint, TensorBBox
 from fastai.vision.augment import (RandTransform, aug_transforms, LightingTfm, Brightness, Contrast, Saturation,
                                    PadMode, compose_tfms, _grid_sample)
-from fastcore.basics import patch
 import matplotlib.pyplot as plt
 from .pixels import voi_lut_function
 from .transforms import TensorDicom, plane_percentiles, _planes, _padding, _plane_hist
