@@ -62,7 +62,9 @@ def file_info(fn) -> list:
             ('decoder', decoder_status(ts) if ts else '-')]
     if 'ModalityLUTSequence' in ds: resc = 'Modality LUT Sequence (0028,3000)'
     elif 'RescaleSlope' in ds or 'RescaleIntercept' in ds:
-        resc = f"value = {g('RescaleSlope', '1')} * stored + {g('RescaleIntercept', '0')} ({g('RescaleType', 'units not stated')})"
+        icpt = str(g('RescaleIntercept', '0')).strip()
+        sign, icpt = ('-', icpt[1:]) if icpt.startswith('-') else ('+', icpt)
+        resc = f"value = {g('RescaleSlope', '1')} * stored {sign} {icpt} ({g('RescaleType', 'units not stated')})"
     elif 'SharedFunctionalGroupsSequence' in ds or 'PerFrameFunctionalGroupsSequence' in ds:
         resc = 'in the functional groups (Pixel Value Transformation Sequence) if any'
     else: resc = 'none (modality values = stored values)'

@@ -55,7 +55,7 @@ def test_info(tmp_path):
     f = synth_dicom(tmp_path/'w.dcm', modality='CT', size=32, windows=[(40, 400, 'SOFT'), (-600, 1500, 'LUNG')],
                     padding_value=-2000, intercept=-1024., patient_id='P-SECRET-77', bits_stored=12)
     out = run('info', f).stdout
-    for want in ('rescale: value = 1 * stored + -1024 (HU)', 'window 0: center 40, width 400, LINEAR "SOFT"',
+    for want in ('rescale: value = 1 * stored - 1024 (HU)', 'window 0: center 40, width 400, LINEAR "SOFT"',
                  'window 1: center -600, width 1500, LINEAR "LUNG"', 'padding: stored value -2000',
                  'bits: allocated 16, stored 12, high bit 11, signed', 'frames: 1'):
         assert want in out, (want, out)
