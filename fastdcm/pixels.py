@@ -55,7 +55,8 @@ _RAW_TAGS = {k: Tag(pydicom.datadict.tag_for_keyword(k)) for k in _RAW_KINDS}
 
 def _get(ds, kw, default=None):
     "`ds.get(kw, default)`, read straight from the raw bytes when pydicom hasn't converted the element yet (a hot path)."
-    raw = ds.get_item(_RAW_TAGS[kw], keep_deferred=True) if kw in _RAW_TAGS and isinstance(ds, Dataset) else None
+    raw = ds.get_item(_RAW_TAGS[kw], keep_deferred=True) if kw in _RAW_TAGS and isinstance(ds, Dataset) else False
+    if raw is None: return default   # absent: most of these are optional, and pydicom's `get` is slow to say so
     if isinstance(raw, pydicom.dataelem.RawDataElement) and raw.value is not None:
         v = raw.value
         if _RAW_KINDS[kw] == 'US':
