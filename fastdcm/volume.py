@@ -16,6 +16,8 @@ from fastprogress.fastprogress import progress_bar
 from fastcore.basics import store_attr
 from .core import DicomError, dcmread, get_dicom_files
 from .pixels import dicom_pixels, voi_lut_function, _get
+import pydicom
+from pydicom.tag import Tag
 from .augment import dicom_windows
 
 # %% auto #0
@@ -60,13 +62,30 @@ def _int(v):
     try: return int(v)
     except (TypeError, ValueError): return None
 
-def _records_from_dataset(fn, ds) -> list:
+_NAME_TAGS = tuple(Tag(k) for k in ('PatientID', 'SeriesDescription'))
+_CHARSET_TAG = Tag('SpecificCharacterSet')
+
+def _names(ds, cache:dict) -> tuple:
+    "(PatientID, SeriesDescription) as pydicom decodes them (character set included), once per distinct raw value."
+    # the same bytes come with every slice of a series: pydicom's conversion is most of the cost of a record
+    raws = tuple(getattr(ds.get_item(t, keep_deferred=True), 'value', None) for t in _NAME_TAGS)
+    cs = getattr(ds.get_item(_CHARSET_TAG, keep_deferred=True), 'value', None)   # pydicom converts it on reading
+    cs = tuple(cs) if isinstance(cs, (list, pydicom.multival.MultiValue)) else cs
+    key = raws + (cs,) if all(r is None or isinstance(r, bytes) for r in raws) else None   # names not yet converted
+    if key is None or key not in cache:
+        names = str(ds.get('PatientID', '')), str(ds.get('SeriesDescription', ''))
+        if key is None: return names
+        cache[key] = names
+    return cache[key]
+
+def _records_from_dataset(fn, ds, names_cache=None) -> list:
     nf = _int(_get(ds, 'NumberOfFrames')) or 1
+    patient_id, description = _names(ds, {} if names_cache is None else names_cache)
     # `_get` reads the plain numbers and codes straight from pydicom's raw elements (the per-slice cost of a
     # checked load is mostly pydicom converting DS strings); names (PN/LO, character-set dependent) go through pydicom
     common = dict(fname=str(fn), SeriesInstanceUID=str(_get(ds, 'SeriesInstanceUID', '')),
-                  StudyInstanceUID=str(_get(ds, 'StudyInstanceUID', '')), PatientID=str(ds.get('PatientID', '')),
-                  Modality=str(_get(ds, 'Modality', '')), SeriesDescription=str(ds.get('SeriesDescription', '')),
+                  StudyInstanceUID=str(_get(ds, 'StudyInstanceUID', '')), PatientID=patient_id,
+                  Modality=str(_get(ds, 'Modality', '')), SeriesDescription=description,
                   SeriesNumber=_int(_get(ds, 'SeriesNumber')), InstanceNumber=_int(_get(ds, 'InstanceNumber')),
                   rows=_int(_get(ds, 'Rows')), columns=_int(_get(ds, 'Columns')),
                   samples=_int(_get(ds, 'SamplesPerPixel')) or 1, localizer=_is_localizer(ds), n_frames=nf)
@@ -84,10 +103,10 @@ def _records_from_dataset(fn, ds) -> list:
         recs.append(rec)
     return recs
 
-def slice_records(fn, ds=None) -> list:
-    "One geometry record per image (per frame for multi-frame files) of DICOM file `fn`, from its header only (`ds`, if already read)."
+def slice_records(fn, ds=None, names_cache:dict|None=None) -> list:
+    "One geometry record per image (per frame for multi-frame files) of DICOM file `fn`, from its header only (`ds`, if already read); `names_cache`: a dict shared across the files of a scan."
     if ds is None: ds = dcmread(fn, stop_before_pixels=True)
-    return _records_from_dataset(fn, ds)
+    return _records_from_dataset(fn, ds, names_cache)
 
 # %% ../nbs/07_volume.ipynb #6a898f33
 def _series_name(recs):
@@ -193,12 +212,12 @@ def check_slices(recs, min_slices:int=3, gap_factor:float=1.5, uneven_tol:float=
 # %% ../nbs/07_volume.ipynb #30e94d2a
 def _read_records(files, progress=True, headers=None):
     "Geometry records of `files` (unreadable ones left out, with one warning); each header read is kept in `headers` (fname -> Dataset) when given."
-    recs, bad = [], []
+    recs, bad, names = [], [], {}
     it = progress_bar(files, leave=False) if progress and len(files)>1 else files
     for f in it:
         try:
             ds = dcmread(f, stop_before_pixels=True)
-            recs += slice_records(f, ds)
+            recs += slice_records(f, ds, names)
         except DicomError as e: bad.append(f'{_short(f)}: {e.msg}'); continue
         if headers is not None: headers[str(f)] = ds
     if bad: warnings.warn(f'{len(bad)} unreadable file(s) left out: ' + '; '.join(bad[:3]) + (' ...' if len(bad)>3 else ''))

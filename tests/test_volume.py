@@ -280,6 +280,15 @@ def test_headers_with_sequences_and_implicit_vr(tmp_path):
     ds.PatientID = 'Müller'; ds.SpecificCharacterSet = 'ISO_IR 100'
     ds.save_as(tmp_path/'latin1', enforce_file_format=True)
     assert slice_records(tmp_path/'latin1')[0]['PatientID'] == 'Müller'
+    # the same raw name bytes under another character set decode differently, even with a names cache shared by a scan
+    b = (tmp_path/'latin1').read_bytes()                                  # Cyrillic: byte 0xFC is 'ќ'
+    assert b.count(b'ISO_IR 100') == 1; (tmp_path/'cyrillic').write_bytes(b.replace(b'ISO_IR 100', b'ISO_IR 144'))
+    raw = pydicom.dcmread(tmp_path/'cyrillic').get_item('PatientID').value
+    assert raw == 'Müller'.encode('latin-1'), raw                        # same bytes as the latin-1 file
+    cache = {}
+    names = [slice_records(tmp_path/f, names_cache=cache)[0]['PatientID'] for f in ('latin1', 'cyrillic', 'latin1')]
+    assert names == ['Müller', pydicom.dcmread(tmp_path/'cyrillic').PatientID, 'Müller'] and names[1] != 'Müller'
+    assert len(cache) == 2
 
 @pytest.mark.parametrize('signed,bits_stored,slope,intercept,padding,limit', [
     (True, 12, 1., -1024., -2000, None),                      # 12-bit signed, garbage above bit 11 on some pixels
