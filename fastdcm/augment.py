@@ -17,28 +17,12 @@ from fastai.vision.core import TensorPoint, TensorBBox
 from fastai.vision.augment import (RandTransform, aug_transforms, LightingTfm, Brightness, Contrast, Saturation,
                                    PadMode, compose_tfms, _grid_sample)
 import matplotlib.pyplot as plt
-from .pixels import voi_lut_function
+from .pixels import voi_lut_function, dicom_windows
 from .transforms import TensorDicom, plane_percentiles, _planes, _padding, _plane_hist
 
 # %% auto #0
-__all__ = ['dicom_windows', 'Window', 'show_windows', 'RandomWindow', 'DicomHistEq', 'DicomCLAHE', 'ModalityJitter',
-           'ModalityNoise', 'fit_projective', 'projective_grid', 'dicom_aug_transforms']
-
-# %% ../nbs/04_augment.ipynb #9a4c1646
-dicom_windows = dict(
-    brain=(40, 80),           # Radiopaedia head: brain W:80 L:40
-    subdural=(80, 200),       # subdural W:130-300 L:50-100
-    stroke=(32, 8),           # stroke W:8 L:32 (also W:40 L:40)
-    temporal_bone=(600, 2800),# temporal bones W:2800 L:600
-    head_soft=(40, 380),      # head soft tissues W:350-400 L:20-60
-    lungs=(-600, 1500),       # chest: lungs W:1500 L:-600
-    mediastinum=(50, 350),    # mediastinum W:350 L:50
-    abdomen=(50, 400),        # abdomen soft tissues W:400 L:50
-    liver=(30, 150),          # liver W:150 L:30
-    bone=(400, 1800),         # spine / bone W:1800 L:400
-    spine_soft=(50, 250),     # spine soft tissues W:250 L:50
-    soft_tissue=(40, 400),    # generic soft tissue W:350-400 L:20-60
-)
+__all__ = ['Window', 'show_windows', 'RandomWindow', 'DicomHistEq', 'DicomCLAHE', 'ModalityJitter', 'ModalityNoise',
+           'fit_projective', 'projective_grid', 'dicom_aug_transforms']
 
 # %% ../nbs/04_augment.ipynb #8e66b9c5
 def _hist_eq(x:torch.Tensor, nbins:int=4096) -> torch.Tensor:

@@ -106,7 +106,7 @@ def parse_window(spec:str|None, src=None, frame=None):
         except ValueError: raise ValueError(f'--window {spec!r}: expected CENTER,WIDTH numbers') from None
         return (c, w)
     if spec.lstrip('-').isdigit(): return int(spec)
-    try: from fastdcm.augment import dicom_windows
+    try: from fastdcm.pixels import dicom_windows
     except ImportError: dicom_windows = {}
     if spec in dicom_windows: return tuple(dicom_windows[spec])
     return spec    # a window explanation in the header
@@ -162,7 +162,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument('files', nargs='+', metavar='FILE'); s.set_defaults(func=cmd_info)
     s = sub.add_parser('show', help='render a DICOM to PNG', description='Apply the display pipeline (window / VOI LUT, MONOCHROME1) and write an 8-bit PNG.')
     s.add_argument('file', metavar='FILE'); s.add_argument('-o', '--output', required=True, help='out.png')
-    s.add_argument('--window', default=None, help="NAME (fastdcm.augment.dicom_windows or a header explanation), C,W, an index, 'header' (default) or 'auto'; write --window=-600,1500 for a negative centre")
+    s.add_argument('--window', default=None, help="NAME (fastdcm.pixels.dicom_windows or a header explanation), C,W, an index, 'header' (default) or 'auto'; write --window=-600,1500 for a negative centre")
     s.add_argument('--frame', type=int, default=None, help='frame of a multi-frame file (default 0)'); s.set_defaults(func=cmd_show)
     s = sub.add_parser('convert', help='lossless 16-bit PNG/TIFF/npy + metadata.csv', description='Convert every DICOM under SRC into DST losslessly (read back with fastdcm.export.read_converted). Resumable; never writes in SRC.')
     s.add_argument('src', metavar='SRC'); s.add_argument('dst', metavar='DST')

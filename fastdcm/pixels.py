@@ -18,9 +18,9 @@ from .core import (source_name, DicomError, NotDicomError, TruncatedDicomError, 
                           UnsupportedTransferSyntaxError, BadWindowError, dcmread)
 
 # %% auto #0
-__all__ = ['VOI_FUNCTIONS', 'STAGES', 'PixelDecodeError', 'MissingPixelDataError', 'n_frames', 'padding_range', 'modality_params',
-           'modality_lut', 'voi_lut_function', 'header_windows', 'voi_lut', 'presentation_lut', 'FrameIndexError',
-           'dicom_pixels', 'padding_mask']
+__all__ = ['VOI_FUNCTIONS', 'dicom_windows', 'STAGES', 'PixelDecodeError', 'MissingPixelDataError', 'n_frames', 'padding_range',
+           'modality_params', 'modality_lut', 'voi_lut_function', 'header_windows', 'voi_lut', 'presentation_lut',
+           'FrameIndexError', 'dicom_pixels', 'padding_mask']
 
 # %% ../nbs/01_pixels.ipynb #d55b8ab5
 class PixelDecodeError(DicomError):
@@ -259,6 +259,22 @@ def voi_lut(x:np.ndarray, item:Dataset, ds:Dataset) -> np.ndarray:
     table, first, bits = _lut_data(item, ds)
     idx = np.clip(np.rint(np.asarray(x, np.float64)) - first, 0, len(table)-1).astype(np.int64)
     return table[idx] / np.float32(2**bits - 1)
+
+# %% ../nbs/01_pixels.ipynb #9a4c1646
+dicom_windows = dict(
+    brain=(40, 80),           # Radiopaedia head: brain W:80 L:40
+    subdural=(80, 200),       # subdural W:130-300 L:50-100
+    stroke=(32, 8),           # stroke W:8 L:32 (also W:40 L:40)
+    temporal_bone=(600, 2800),# temporal bones W:2800 L:600
+    head_soft=(40, 380),      # head soft tissues W:350-400 L:20-60
+    lungs=(-600, 1500),       # chest: lungs W:1500 L:-600
+    mediastinum=(50, 350),    # mediastinum W:350 L:50
+    abdomen=(50, 400),        # abdomen soft tissues W:400 L:50
+    liver=(30, 150),          # liver W:150 L:30
+    bone=(400, 1800),         # spine / bone W:1800 L:400
+    spine_soft=(50, 250),     # spine soft tissues W:250 L:50
+    soft_tissue=(40, 400),    # generic soft tissue W:350-400 L:20-60
+)
 
 # %% ../nbs/01_pixels.ipynb #653385ff
 def presentation_lut(y:np.ndarray, ds:Dataset) -> np.ndarray:

@@ -18,7 +18,7 @@ from .core import DicomError, dcmread, get_dicom_files
 from .pixels import dicom_pixels, voi_lut_function, _get
 import pydicom
 from pydicom.tag import Tag
-from .augment import dicom_windows
+from .pixels import dicom_windows
 
 # %% auto #0
 __all__ = ['tissue_ranges', 'SeriesError', 'slice_records', 'check_slices', 'find_series', 'Volume', 'load_series', 'iter_series',
@@ -425,7 +425,7 @@ def resample(vol:Volume, spacing=(1.,1.,1.), order:int=1, shape=None) -> Volume:
 
 # %% ../nbs/07_volume.ipynb #41cc8248
 def _window(center, width=None):
-    "(center, width) from a pair, a name of `fastdcm.augment.dicom_windows`, or two numbers."
+    "(center, width) from a pair, a name of `fastdcm.pixels.dicom_windows`, or two numbers."
     if isinstance(center, str):
         if center not in dicom_windows: raise ValueError(f'unknown window {center!r}: use (center, width) or one of {list(dicom_windows)}')
         return dicom_windows[center]
