@@ -1,5 +1,5 @@
 """CT/MR series as validated 3-D volumes: find the series in a folder, sort slices by position, refuse broken
-series with a clear message, resample on the GPU, and feed 2-D learners with 2.5-D slice stacks.
+series with a clear message, resample on the GPU, list 2.5-D slice stacks. numpy/torch/pydicom only: no fastai.
 
 Docs: https://fastdcm.github.io/fastdcm/volume.html.md"""
 
@@ -22,8 +22,7 @@ from .pixels import dicom_windows
 
 # %% auto #0
 __all__ = ['tissue_ranges', 'SeriesError', 'slice_records', 'check_slices', 'find_series', 'Volume', 'load_series', 'iter_series',
-           'resample', 'neighbour_stack', 'slice_table', 'open_slice_stack', 'OpenSliceStack', 'SliceStackBlock',
-           'slice_datablock']
+           'resample', 'neighbour_stack', 'slice_table']
 
 # %% ../nbs/07_volume.ipynb #eedff449
 class SeriesError(DicomError):
@@ -506,42 +505,3 @@ def slice_table(path, k:int=1, progress:bool=True, errors:str='warn', min_slices
             rows.append(dict(fname=r['fname'], PatientID=r['PatientID'], StudyInstanceUID=r['StudyInstanceUID'],
                              SeriesInstanceUID=uid, slice=i, n_slices=len(srt), fnames=tuple(fn[j] for j in idx)))
     return pd.DataFrame(rows, columns=['fname','PatientID','StudyInstanceUID','SeriesInstanceUID','slice','n_slices','fnames'])
-
-# %% ../nbs/07_volume.ipynb #b2dfd8c4
-from fasttransform import DisplayedTransform
-from fastai.data.block import TransformBlock, DataBlock, CategoryBlock
-from fastai.data.transforms import ColReader
-from .transforms import TensorDicom
-from .data import PatientSplitter
-
-def open_slice_stack(fnames, stage:str='modality', cache=None) -> TensorDicom:
-    "Decode the files `fnames` (slices i-k..i+k) into one float32 (2k+1, H, W) `TensorDicom`, each file once."
-    decode = cache if cache is not None else dicom_pixels
-    seen = {}
-    for f in fnames:
-        if f not in seen: seen[f] = decode(f, stage=stage)
-    first = seen[fnames[0]]
-    out = np.empty((len(fnames), *first.shape), dtype=np.float32)
-    for i,f in enumerate(fnames):
-        if seen[f].shape != first.shape: raise SeriesError(str(fnames[0]), f'{_short(f)} has shape {seen[f].shape}, not {first.shape}')
-        out[i] = seen[f]
-    return TensorDicom(torch.from_numpy(out))
-
-class OpenSliceStack(DisplayedTransform):
-    "Type transform of `SliceStackBlock`: a `slice_table` row (or a tuple of files) into a (2k+1)-channel `TensorDicom`."
-    def __init__(self, stage='modality', cache=None):
-        super().__init__()
-        store_attr()
-    def encodes(self, o:pd.Series|tuple|list):
-        return open_slice_stack(tuple(o['fnames']) if isinstance(o, pd.Series) else tuple(o), stage=self.stage, cache=self.cache)
-
-def SliceStackBlock(stage:str='modality', cache=None) -> TransformBlock:
-    "A `TransformBlock` for 2.5-D items: neighbouring slices as channels, float32 modality values (no /255)."
-    return TransformBlock(type_tfms=OpenSliceStack(stage=stage, cache=cache))
-
-def slice_datablock(label_col:str='label', valid_pct:float=0.2, seed:int|None=None, stage:str='modality', cache=None,
-                    item_tfms=None, batch_tfms=None) -> DataBlock:
-    "A `DataBlock` over `slice_table` rows: 2.5-D stacks in, `label_col` out, split by `PatientID`."
-    return DataBlock(blocks=(SliceStackBlock(stage=stage, cache=cache), CategoryBlock),
-                     get_y=ColReader(label_col), splitter=PatientSplitter(valid_pct=valid_pct, seed=seed),
-                     item_tfms=item_tfms, batch_tfms=batch_tfms)

@@ -350,9 +350,19 @@ def test_mixed_bag_of_files_never_crashes():
         vols = list(iter_series(folder, progress=False, min_slices=1))
     assert len(vols) >= 5 and all(v.array.ndim == 3 and v.array.dtype == np.float32 for v in vols)
 
+def test_volume_imports_no_fastai():
+    "The lower layer stays fastai-free: a fresh interpreter importing fastdcm.volume loads no fastai module."
+    import subprocess, sys
+    code = "import sys, fastdcm.volume; print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('fastai', 'fasttransform')}))"
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == '[]', f'fastdcm.volume imported {out}'
+    from fastdcm import volume
+    assert not hasattr(volume, 'slice_datablock')      # the 2.5-D blocks live in fastdcm.volume_data now
+
 def test_slice_datablock_splits_by_patient(tmp_path):
     "2.5-D DataBlock: (2k+1)-channel HU stacks, neighbours in position order, no patient on both sides."
     from fastdcm.transforms import TensorDicom, DicomResize
+    from fastdcm.volume_data import slice_datablock, open_slice_stack
     for i in range(4): synth_ct_series(tmp_path/f'P{i}', n_slices=5, size=32, patient_id=f'P{i}', seed=20+i)
     # every patient also has a second series in another study: a split by series (or by slice) would leak patients
     for i in range(4): synth_ct_series(tmp_path/f'P{i}b', n_slices=5, size=32, patient_id=f'P{i}', seed=30+i)
