@@ -18,15 +18,15 @@ from fastai.vision.augment import (RandTransform, aug_transforms, LightingTfm, B
                                    PadMode, compose_tfms, _grid_sample)
 import matplotlib.pyplot as plt
 from .pixels import voi_lut_function, dicom_windows
-from .transforms import TensorDicom, plane_percentiles, _planes, _padding, _plane_hist
+from .transforms import TensorDicom, plane_percentiles, presentation_flags, _planes, _padding, _plane_hist
 
 # %% auto #0
 __all__ = ['Window', 'show_windows', 'RandomWindow', 'DicomHistEq', 'DicomCLAHE', 'ModalityJitter', 'ModalityNoise',
            'fit_projective', 'projective_grid', 'dicom_aug_transforms']
 
 # %% ../nbs/04_augment.ipynb #8e66b9c5
-def _hist_eq(x:torch.Tensor, nbins:int=4096) -> torch.Tensor:
-    "Histogram-equalise each plane of `x` (..., H, W) into [0,1], padding excluded (-> 0), interpolating within bins."
+def _hist_eq(x:torch.Tensor, nbins:int=4096, invert:torch.Tensor|None=None) -> torch.Tensor:
+    "Histogram-equalise each plane of `x` (..., H, W) into [0,1], padding excluded (-> 0), interpolating within bins; planes where `invert` (N,) is set are presented inverted (1 - y)."
     p = _planes(x)
     pad = _padding(p)
     counts, lo, hi, pos, idx = _plane_hist(p, pad, nbins)
@@ -36,6 +36,7 @@ def _hist_eq(x:torch.Tensor, nbins:int=4096) -> torch.Tensor:
     flat = idx + torch.arange(n, device=p.device)[:,None]*nbins
     frac = (pos - idx.float()).clamp_(0, 1)
     y = cdf_prev.flatten()[flat] + frac*(counts/tot).flatten()[flat]
+    if invert is not None: y = torch.where(invert[:,None], 1-y, y)   # presentation after the VOI step (PS3.3 C.11.6)
     y = torch.where(pad, torch.zeros_like(y), y).clamp_(0, 1)
     return y.view(x.shape)
 
@@ -76,26 +77,32 @@ class Window(RandTransform):
     def _jitter(self, c, w): return c, w
 
     def _center_width(self, x, spec):
-        "Centers and widths broadcastable to x (B, C, H, W)."
+        "Centers and widths (B, C) or (B, 1) of the planes of `x` (B, C, H, W)."
         if spec=='auto':
             lo,hi = plane_percentiles(x, self.auto_pct, self.nbins).unbind(-1)
-            c,w = (lo+hi)/2 + 0.5, (hi-lo+1).clamp_min(1.)
-            return c[...,None,None], w[...,None,None]
+            return (lo+hi)/2 + 0.5, (hi-lo+1).clamp_min(1.)
         c,w = spec
-        return x.new_full((x.shape[0],1,1,1), c), x.new_full((x.shape[0],1,1,1), w)
+        return x.new_full((x.shape[0],1), c), x.new_full((x.shape[0],1), w)
 
     def encodes(self, x:TensorDicom):
         if getattr(x, 'windows', None): return x # already windowed
         xb = x.as_subclass(torch.Tensor)
-        single = xb.ndim==3
+        single = xb.ndim==3                    # one C x H x W item; 4-D is a batch, 5-D a batch of volumes
         if single: xb = xb[None]
         xb = xb.float()
-        B,C,H,W = xb.shape
-        res = xb.new_empty(B, len(self.specs), C, H, W)
+        B,C,*spatial = xb.shape
+        planes = xb.reshape(B, C, -1, xb.shape[-1])   # a volume's statistics over all of its slices
+        inv = presentation_flags(x, B)
+        bcast = (B, -1) + (1,)*len(spatial)
+        res = xb.new_empty(B, len(self.specs), C, *spatial)
         for i,spec in enumerate(self.specs):
-            if spec=='histeq': res[:,i] = _hist_eq(xb, self.nbins); continue
-            c,w = self._jitter(*self._center_width(xb, spec))
-            _window_into(res[:,i], xb, c, w.clamp_min(1.), self.function)
+            if spec=='histeq':
+                res[:,i] = _hist_eq(planes, self.nbins, None if inv is None else inv.repeat_interleave(C)).view(B, C, *spatial)
+                continue
+            c,w = self._jitter(*self._center_width(planes, spec))
+            _window_into(res[:,i], xb, c.view(bcast), w.clamp_min(1.).view(bcast), self.function)
+            # the presentation step comes after the VOI step (PS3.3 C.11.6): MONOCHROME1 items are inverted here
+            if inv is not None: res[:,i] = torch.where(inv.view(bcast), 1-res[:,i], res[:,i])
         res = res.flatten(1,2)
         if single: res = res[0]
         return TensorDicom(res, windows=list(self.names))
@@ -135,8 +142,8 @@ class RandomWindow(Window):
         return c + on*u1*self.max_center*w, (w * (1 + on*u2*self.max_width)).clamp_min(1.)
 
 # %% ../nbs/04_augment.ipynb #6d9c6a8b
-def _clahe(x:torch.Tensor, clip_limit:float=2., grid=(8,8), nbins:int=1024) -> torch.Tensor:
-    "CLAHE of each plane of `x` (..., H, W) into [0,1] with `nbins` bins over its non-padding range; padding -> 0."
+def _clahe(x:torch.Tensor, clip_limit:float=2., grid=(8,8), nbins:int=1024, invert:torch.Tensor|None=None) -> torch.Tensor:
+    "CLAHE of each plane of `x` (..., H, W) into [0,1] with `nbins` bins over its non-padding range; padding -> 0; planes where `invert` (N,) is set are presented inverted."
     H,W = x.shape[-2:]
     gh,gw = grid
     p = _planes(x)
@@ -167,8 +174,16 @@ def _clahe(x:torch.Tensor, clip_limit:float=2., grid=(8,8), nbins:int=1024) -> t
     def look(yy, xx): return cdf[((base + (yy[:,None]*gw + xx[None,:]).flatten()[None])*nbins + idx)]
     wy_ = wy[:,None].expand(H,W).flatten()[None]; wx_ = wx[None,:].expand(H,W).flatten()[None]
     y = ((1-wy_)*((1-wx_)*look(y0,x0) + wx_*look(y0,x1)) + wy_*((1-wx_)*look(y1,x0) + wx_*look(y1,x1)))
+    if invert is not None: y = torch.where(invert[:,None], 1-y, y)   # presentation after the VOI step (PS3.3 C.11.6)
     y = torch.where(pad, torch.zeros_like(y), y).clamp_(0, 1)
     return y.view(x.shape)
+
+def _plane_flags(x):
+    "Presentation flags of the planes (items x channels) of `x`, or None: windowed channels are presented already."
+    if getattr(x, 'windows', None) or x.ndim < 3: return None
+    n, c = (x.shape[0], x.shape[1]) if x.ndim==4 else (1, x.shape[0])
+    inv = presentation_flags(x, n)
+    return None if inv is None else inv.repeat_interleave(c)
 
 class DicomHistEq(RandTransform):
     "Full-depth histogram equalisation of each channel (`nbins` bins over the image's own range, padding excluded)."
@@ -177,7 +192,7 @@ class DicomHistEq(RandTransform):
     def before_call(self, b, split_idx): self.do = True
     def encodes(self, x:TensorDicom):
         names = getattr(x, 'windows', None) or ['histeq']*(x.shape[-3] if x.ndim>=3 else 1)
-        return TensorDicom(_hist_eq(x.as_subclass(torch.Tensor).float(), self.nbins), windows=list(names))
+        return TensorDicom(_hist_eq(x.as_subclass(torch.Tensor).float(), self.nbins, _plane_flags(x)), windows=list(names))
 
 class DicomCLAHE(RandTransform):
     "Contrast-limited adaptive histogram equalisation of each channel at full depth (`nbins` bins, padding excluded)."
@@ -187,7 +202,8 @@ class DicomCLAHE(RandTransform):
     def before_call(self, b, split_idx): self.do = True
     def encodes(self, x:TensorDicom):
         names = getattr(x, 'windows', None) or ['clahe']*(x.shape[-3] if x.ndim>=3 else 1)
-        return TensorDicom(_clahe(x.as_subclass(torch.Tensor).float(), self.clip_limit, self.grid, self.nbins), windows=list(names))
+        return TensorDicom(_clahe(x.as_subclass(torch.Tensor).float(), self.clip_limit, self.grid, self.nbins, _plane_flags(x)),
+                           windows=list(names))
 
 # %% ../nbs/04_augment.ipynb #364f3006
 def _plane_mean_std(x):

@@ -24,8 +24,9 @@ from .core import DicomError, dcmread, source_name
 from .pixels import dicom_pixels
 
 # %% auto #0
-__all__ = ['SEGMENTATION_SOP_CLASS', 'plane_percentiles', 'TensorDicom', 'open_dicom', 'OpenDicom', 'DicomBlock', 'DicomResize',
-           'DicomMaskError', 'open_dicom_mask', 'OpenDicomMask', 'DicomMaskBlock']
+__all__ = ['SEGMENTATION_SOP_CLASS', 'plane_percentiles', 'presentation_inverts', 'presentation_flags', 'TensorDicom',
+           'open_dicom', 'OpenDicom', 'DicomBlock', 'DicomResize', 'DicomMaskError', 'open_dicom_mask', 'OpenDicomMask',
+           'DicomMaskBlock']
 
 # %% ../nbs/03_transforms.ipynb #9476eba2
 def _planes(x:torch.Tensor):
@@ -77,6 +78,69 @@ def _robust_range(x:torch.Tensor, lo=1., hi=99.):
     if vmax<=vmin: vmax = vmin+1.
     return vmin,vmax
 
+# %% ../nbs/03_transforms.ipynb #prescd01
+def presentation_inverts(ds:Dataset) -> bool:
+    "Whether the presentation step inverts VOI output (PS3.3 C.11.6): MONOCHROME1, Presentation LUT Shape INVERSE, or a decreasing Presentation LUT Sequence."
+    seq = ds.get('PresentationLUTSequence', None)
+    if seq:
+        data = seq[0].get('LUTData', None)
+        vals = list(data) if data is not None and not isinstance(data, (bytes, bytearray)) else None
+        if vals and len(vals) > 1: return vals[0] > vals[-1]
+    shape = str(ds.get('PresentationLUTShape', '') or '').strip().upper()
+    return str(ds.get('PhotometricInterpretation', '')).strip() == 'MONOCHROME1' or shape == 'INVERSE'
+
+_ITEMWISE = {torch.stack, torch.cat, torch.unbind, torch.Tensor.unbind, torch.Tensor.__getitem__}
+
+def _flags_of(t, n):
+    "The per-item presentation flags (a tuple of `n` bools) of batch `t`, or None."
+    inv = getattr(t, 'inverted', None)
+    return inv if isinstance(inv, tuple) and len(inv)==n else None
+
+def _index_flags(flags, idx):
+    "`flags` (one per item along dim 0) as selected by the index `idx` of `Tensor.__getitem__`; None when it doesn't select along dim 0."
+    if isinstance(idx, tuple):
+        if not idx or idx[0] is Ellipsis: return None
+        idx = idx[0]
+    if isinstance(idx, (int, slice)): return flags[idx]
+    if isinstance(idx, torch.Tensor) and idx.ndim==1:
+        if idx.dtype==torch.bool: idx = idx.nonzero()[:,0]
+        return tuple(flags[i] for i in idx.tolist())
+    if isinstance(idx, list) and all(isinstance(i, int) for i in idx): return tuple(flags[i] for i in idx)
+    return None
+
+def _presentation_follows(func, res, args, kwargs):
+    "Give what stacking, concatenating, unbinding or indexing along dim 0 returns its own items' presentation flags."
+    if func is torch.Tensor.__getitem__:   # a selection of items (or parts of one)
+        fl = _flags_of(args[0], args[0].shape[0] if args[0].ndim else -1)
+        if fl is not None: res.inverted = _index_flags(fl, args[1])
+        return
+    kwargs = kwargs or {}
+    dim = args[1] if len(args)>1 and isinstance(args[1], int) else kwargs.get('dim', 0)
+    if dim != 0: return
+    if func is torch.stack:           # items -> batch: one flag per item
+        ts = args[0]
+        if not any(hasattr(t, 'inverted') for t in ts): return
+        res.inverted = None if any(isinstance(getattr(t, 'inverted', None), tuple) for t in ts) else \
+                       tuple(getattr(t, 'inverted', None) is True for t in ts)
+    elif func is torch.cat:           # batches -> batch
+        ts = args[0]
+        if not any(isinstance(getattr(t, 'inverted', None), tuple) for t in ts): return
+        fl = [_flags_of(t, t.shape[0]) for t in ts]
+        res.inverted = None if any(f is None for f in fl) else sum(fl, ())
+    else:                             # batch -> items (unbind, iteration)
+        fl = _flags_of(args[0], args[0].shape[0] if args[0].ndim else -1)
+        if fl is None: return
+        for r,f in zip(res, fl): r.inverted = f
+
+def presentation_flags(x:torch.Tensor, n:int|None=None) -> torch.Tensor|None:
+    "Bool tensor (n,) on `x`'s device of the items of batch `x` (or of the single item `x`, n=1) to invert after the VOI step; None when none is."
+    inv = getattr(x, 'inverted', None)
+    if inv is None or inv is False: return None
+    flags = (inv,) if isinstance(inv, bool) else tuple(inv)
+    if n is not None and len(flags) != n:
+        raise ValueError(f'{len(flags)} presentation flags for a batch of {n} items: the batch was assembled outside fastdcm')
+    return torch.tensor(flags, device=x.device) if any(flags) else None
+
 # %% ../nbs/03_transforms.ipynb #ea6bcd22
 class TensorDicom(TensorImage):
     "A float32 C x H x W tensor of DICOM pixel values: modality values (e.g. HU, PS3.3 C.11.1) unless stated."
@@ -87,6 +151,16 @@ class TensorDicom(TensorImage):
         "Decode `src` (path, str, bytes, `Dataset` or a DataFrame row with 'fname') with `dicom_pixels` or `cache`."
         return open_dicom(src, stage=stage, frame=frame, frames_as_channels=frames_as_channels, cache=cache)
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        res = super().__torch_function__(func, types, args, kwargs)
+        if func in _ITEMWISE: _presentation_follows(func, res, args, kwargs)
+        return res
+
+    def __iter__(self):
+        "Iterate over dim 0 (items of a batch), each with its own presentation flag."
+        return iter(self.unbind(0))
+
     def clone(self, *, memory_format=None):
         "A copy that keeps the metadata (e.g. `windows`), which fastai's `TensorBase.clone` drops."
         res = super().clone(memory_format=memory_format)
@@ -94,7 +168,7 @@ class TensorDicom(TensorImage):
         return res
 
     def show(self, ctx=None, channel:int=0, window:tuple|None=None, **kwargs):
-        "Show one channel in gray: windowed channels as [0,1], modality values through `window` or robust percentiles."
+        "Show one channel in gray: windowed channels as [0,1], modality values through `window` or robust percentiles; MONOCHROME1 items bright-is-dense."
         x = self.data.detach().float().cpu()
         if getattr(self, 'rgb', False) and x.ndim==3 and x.shape[0]==3 and not getattr(self, 'windows', None):
             lo,hi = _robust_range(x, 0., 100.)       # a colour image: its RGB channels, scaled to its own range
@@ -105,7 +179,8 @@ class TensorDicom(TensorImage):
             vmin,vmax = c-w/2, c+w/2
         elif getattr(self, 'windows', None) is not None: vmin,vmax = 0.,1.
         else: vmin,vmax = _robust_range(x)
-        kwargs = {**self._show_args, 'vmin':vmin, 'vmax':vmax, **kwargs}
+        cmap = 'gray_r' if getattr(self, 'inverted', None) is True else 'gray'   # the presentation step, PS3.3 C.11.6
+        kwargs = {**self._show_args, 'cmap':cmap, 'vmin':vmin, 'vmax':vmax, **kwargs}
         return show_image(x.numpy(), ctx=ctx, **kwargs)
 
 # %% ../nbs/03_transforms.ipynb #355dea2b
@@ -132,15 +207,27 @@ def _to_chw(arr:np.ndarray, src, frames_as_channels:bool) -> np.ndarray:
     if colour: return np.moveaxis(arr, -1, 1).reshape(-1, *arr.shape[1:3])
     return arr
 
+def _header(src):
+    "`src`'s header (its own Dataset, or read without pixels), or None when only `dicom_pixels`' own reading can tell what is wrong."
+    if isinstance(src, Dataset): return src
+    try: return dcmread(src, stop_before_pixels=True)
+    except DicomError: return None
+
 def open_dicom(src, stage:str='modality', frame:int|None=None, frames_as_channels:bool=False, cache=None) -> TensorDicom:
-    "Decode `src` (path, str, bytes, `Dataset`, DataFrame row with 'fname') into a float32 C x H x W `TensorDicom`."
+    "Decode `src` (path, str, bytes, `Dataset`, DataFrame row with 'fname') into a float32 C x H x W `TensorDicom` carrying its presentation (`inverted`)."
     if isinstance(src, TensorDicom): return src
     src, frame = _unpack_row(src, frame)
-    decode = cache if cache is not None else dicom_pixels
-    arr = np.asarray(decode(src, stage=stage, frame=frame))
+    hdr = _header(src)
+    if cache is not None: arr = cache(src, stage=stage, frame=frame)
+    elif hdr is not None and isinstance(src, (str, os.PathLike)): arr = dicom_pixels(src, stage=stage, frame=frame, header=hdr)  # parsed once
+    else: arr = dicom_pixels(src, stage=stage, frame=frame)
+    arr = np.asarray(arr)
     rgb = _is_colour(arr) and arr.ndim==3
     arr = np.ascontiguousarray(_to_chw(arr, src, frames_as_channels), dtype=np.float32)
-    return TensorDicom(torch.from_numpy(arr), rgb=True) if rgb else TensorDicom(torch.from_numpy(arr))
+    if rgb: return TensorDicom(torch.from_numpy(arr), rgb=True)
+    if hdr is None: hdr = dcmread(src, stop_before_pixels=True, force=True)   # decoded, yet unreadable without force
+    # 'display' is presented already; stored and modality values keep the file's polarity, applied after a VOI step
+    return TensorDicom(torch.from_numpy(arr), inverted=stage != 'display' and presentation_inverts(hdr))
 
 # %% ../nbs/03_transforms.ipynb #c29b88a8
 def _register_int_to_float_passthrough():
