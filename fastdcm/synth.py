@@ -23,9 +23,10 @@ from skimage.transform import resize, warp, SimilarityTransform
 from skimage.data import shepp_logan_phantom
 
 # %% auto #0
-__all__ = ['TISSUE', 'LESION_RADIUS', 'LESION_DENSITY', 'SOP_CLASSES', 'MODALITIES', 'ORIENTATIONS', 'density_to_hu',
-           'hu_to_density', 'synth_image', 'stored_range', 'stored_values', 'fov_mask', 'synth_dicom',
-           'synth_study_set', 'CTSeriesTruth', 'synth_ct_volume', 'synth_ct_series', 'synth_bad_files']
+__all__ = ['TISSUE', 'LESION_RADIUS', 'LESION_DENSITY', 'SOP_CLASSES', 'MODALITIES', 'ORIENTATIONS', 'SEG_SOP_CLASS',
+           'RTSTRUCT_SOP_CLASS', 'density_to_hu', 'hu_to_density', 'synth_image', 'stored_range', 'stored_values',
+           'fov_mask', 'synth_dicom', 'synth_study_set', 'CTSeriesTruth', 'synth_ct_volume', 'synth_ct_series',
+           'synth_seg', 'synth_rtstruct', 'sphere_contours', 'NoduleCase', 'synth_nodule_series', 'synth_bad_files']
 
 # %% ../nbs/02_synth.ipynb #f8b256fc
 TISSUE = dict(air=0., lung=0.1, fat=0.45, water=0.5, kidney=0.515, soft=0.52, blood=0.525, liver=0.53,
@@ -636,7 +637,25 @@ class CTSeriesTruth:
         i, j = np.mgrid[:self.size, :self.size].astype(np.float64)
         r, c = self.orientation[:3], self.orientation[3:]
         rel = (self.positions[k] - self.center) + j[..., None]*self.spacing[2]*r + i[..., None]*self.spacing[1]*c
-        return _phantom_hu(rel, self.half_fov, self.half_z, [self.seed, k]).astype(np.float32)
+        hu = _phantom_hu(rel, self.half_fov, self.half_z, [self.seed, k]).astype(np.float32)
+        for n,(centre, radius, value) in enumerate(getattr(self, 'nodules', ())):
+            inside = np.linalg.norm(rel + self.center - np.asarray(centre, np.float64), axis=-1) <= radius
+            noise = np.random.default_rng([self.seed, k, 101, n]).normal(0, 6, inside.shape)
+            hu[inside] = np.round(value + noise[inside])   # a nodule of `value` HU, with the phantom's noise level
+        return hu
+    def lps(self, k:int) -> np.ndarray:
+        "LPS position (mm) of every voxel of slice `k`, (size, size, 3): the centre of pixel (i, j) (PS3.3 C.7.6.2.1.1)."
+        i, j = np.mgrid[:self.size, :self.size].astype(np.float64)
+        r, c = self.orientation[:3], self.orientation[3:]
+        return self.positions[k] + j[..., None]*self.spacing[2]*r + i[..., None]*self.spacing[1]*c
+    def nodule_mask(self) -> np.ndarray:
+        "Label map (n_slices, size, size), int64: voxel centres inside nodule n are n+1 (0 elsewhere), the later nodule on top."
+        out = np.zeros((len(self.positions), self.size, self.size), np.int64)
+        for k in range(len(self.positions)):
+            p = self.lps(k)
+            for n,(centre, radius, _) in enumerate(getattr(self, 'nodules', ())):
+                out[k][np.linalg.norm(p - np.asarray(centre, np.float64), axis=-1) <= radius] = n + 1
+        return out
     def slice_values(self, k:int) -> np.ndarray:
         "Modality values of slice `k`: HU for CT, T1-like signal (integers) for MR."
         hu = self.slice_hu(k)
@@ -678,7 +697,7 @@ def _phantom_hu(P, half_fov, half_z, seed):
 def synth_ct_volume(n_slices:int=32, size:int=64, slice_spacing:float=0.625, pixel_spacing=(0.7, 0.7),
                     orientation='axial', tilt_deg:float=0., padding_value:int|None=-2000,
                     per_slice_slope:bool=False, center=(0., 0., -150.), seed:int=0,
-                    modality:str='CT') -> CTSeriesTruth:
+                    modality:str='CT', nodules=()) -> CTSeriesTruth:
     "The ground truth `synth_ct_series` writes for the same arguments: geometry, rescale, `.hu` and `.values`."
     if modality not in ('CT', 'MR'): raise ValueError(f"modality must be 'CT' or 'MR', not {modality!r}")
     if modality == 'MR' and padding_value is not None and padding_value < 0: padding_value = None  # unsigned MR
@@ -702,7 +721,8 @@ def synth_ct_volume(n_slices:int=32, size:int=64, slice_spacing:float=0.625, pix
                          intercepts=icpts, padding=pad, padding_value=padding_value, affine=affine, files=[],
                          file_slices=[], center=np.asarray(center, np.float64), half_fov=size*max(rs, cs)/2,
                          half_z=max(n_slices*slice_spacing/2, 1e-3), seed=seed, modality=modality,
-                         rescale=modality == 'CT' or per_slice_slope)
+                         rescale=modality == 'CT' or per_slice_slope,
+                         nodules=[(np.asarray(p, np.float64), float(r), float(v)) for p,r,v in nodules])
 
 # %% ../nbs/02_synth.ipynb #4921f2ff
 def synth_ct_series(path, n_slices:int=32, size:int=64, slice_spacing:float=0.625, pixel_spacing=(0.7, 0.7),
@@ -714,11 +734,12 @@ def synth_ct_series(path, n_slices:int=32, size:int=64, slice_spacing:float=0.62
                     study_uid:str|None=None, series_uid:str|None=None, center=(0., 0., -150.),
                     return_truth:bool=False, # also return the `CTSeriesTruth`
                     modality:str='CT', # 'MR' writes MR Image Storage files of the same phantom (T1-like signal)
+                    nodules=(), # spheres (centre LPS mm, radius mm, HU) added to the phantom: findings to segment
                     ) -> list:
     "Write a CT series of the 3-D phantom into folder `path`; returns its files in true spatial order."
     path = Path(path)
     t = synth_ct_volume(n_slices, size, slice_spacing, pixel_spacing, orientation, tilt_deg, padding_value,
-                        per_slice_slope, center, seed, modality=modality)
+                        per_slice_slope, center, seed, modality=modality, nodules=nodules)
     study_uid = study_uid or _uid('study', patient_id, seed)
     series_uid = series_uid or _uid('ctseries', patient_id, study_uid, seed, n_slices, size, modality)
     rng = np.random.default_rng([seed, 17, int(series_uid.split('.')[-1]) % 2**32])  # names differ between series
@@ -779,6 +800,175 @@ def _write_ct_slice(fn, t, k, copy, instance, patient_id, study_uid, series_uid,
     ds.PixelData = stored.astype('<u2' if mr else '<i2').tobytes()
     ds['PixelData'].VR = 'OW'
     _finish(ds, fn, SOP_CLASSES[t.modality])
+
+# %% ../nbs/02_synth.ipynb #4247fddd
+SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS = '1.2.840.10008.5.1.4.1.1.66.4', '1.2.840.10008.5.1.4.1.1.481.3'
+
+def _code(value, scheme, meaning):
+    "A Code Sequence item (PS3.3 8.8): value, coding scheme designator, meaning."
+    it = Dataset()
+    it.CodeValue, it.CodingSchemeDesignator, it.CodeMeaning = value, scheme, meaning
+    return it
+
+def _series_headers(files):
+    "Headers of the image `files` (in spatial order), checked to be one series on one frame of reference."
+    hs = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    if len({h.SeriesInstanceUID for h in hs}) != 1: raise ValueError('the files are not one series')
+    return hs
+
+def _derived_common(ds, h0, modality, series_uid, sop_uid, description):
+    "Patient/study of the source series (copied), a new series of `modality` on the same frame of reference."
+    for kw in ('SpecificCharacterSet', 'PatientName', 'PatientID', 'PatientBirthDate', 'PatientSex', 'StudyInstanceUID',
+               'StudyDate', 'StudyTime', 'StudyID', 'AccessionNumber', 'ReferringPhysicianName', 'FrameOfReferenceUID'):
+        if kw in h0: setattr(ds, kw, h0.data_element(kw).value)
+    ds.Modality, ds.SeriesInstanceUID, ds.SOPInstanceUID = modality, series_uid, sop_uid
+    ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = 300, 1, description
+    ds.Manufacturer = 'fastdcm synth'
+    ds.ContentDate, ds.ContentTime = h0.get('StudyDate', ''), h0.get('StudyTime', '')
+
+def synth_seg(fn, files, mask, labels=('nodule',), seed:int=0, series_uid:str|None=None) -> Path:
+    "Write DICOM SEG `fn` (PS3.3 A.51, BINARY, one frame per segment and non-empty slice) of label map `mask` (slices of `files`, in spatial order)."
+    hs = _series_headers(files)
+    mask = np.asarray(mask)
+    if mask.shape != (len(hs), int(hs[0].Rows), int(hs[0].Columns)):
+        raise ValueError(f'mask shape {mask.shape} is not the series (slices, rows, columns) {(len(hs), hs[0].Rows, hs[0].Columns)}')
+    h0 = hs[0]
+    ds = Dataset()
+    series_uid = series_uid or _uid('seg', h0.SeriesInstanceUID, seed)
+    _derived_common(ds, h0, 'SEG', series_uid, _uid('segsop', series_uid), 'synthetic segmentation')
+    ds.ImageType, ds.ContentLabel, ds.ContentCreatorName = ['DERIVED', 'PRIMARY'], 'NODULES', 'fastdcm^synth'
+    ds.SegmentationType, ds.LossyImageCompression = 'BINARY', '00'
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME2'
+    ds.Rows, ds.Columns = int(h0.Rows), int(h0.Columns)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+    segs = []
+    for n, name in enumerate(labels, 1):   # C.8.20.2: Segment Sequence, numbered from 1
+        it = Dataset()
+        it.SegmentNumber, it.SegmentLabel, it.SegmentAlgorithmType = n, name, 'MANUAL'
+        it.SegmentedPropertyCategoryCodeSequence = Sequence([_code('49755003', 'SCT', 'Morphologically Altered Structure')])
+        it.SegmentedPropertyTypeCodeSequence = Sequence([_code('27925004', 'SCT', 'Nodule')])
+        segs.append(it)
+    ds.SegmentSequence = Sequence(segs)
+    ref = Dataset()
+    ref.SeriesInstanceUID = h0.SeriesInstanceUID
+    ref.ReferencedInstanceSequence = Sequence([_sop_ref(h) for h in hs])
+    ds.ReferencedSeriesSequence = Sequence([ref])
+    shared = Dataset()   # C.7.6.16: geometry shared by all frames (the source series' own)
+    po, pm = Dataset(), Dataset()
+    po.ImageOrientationPatient = h0.ImageOrientationPatient
+    pm.PixelSpacing, pm.SliceThickness = h0.PixelSpacing, h0.get('SliceThickness', 1)
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([po]), Sequence([pm])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames, per = [], []
+    for n in range(1, len(labels)+1):
+        for k, h in enumerate(hs):
+            on = mask[k] == n
+            if not on.any(): continue
+            it = Dataset()
+            fc, pp, si, der, src = Dataset(), Dataset(), Dataset(), Dataset(), _sop_ref(h)
+            fc.DimensionIndexValues = [n, k+1]
+            pp.ImagePositionPatient = h.ImagePositionPatient
+            si.ReferencedSegmentNumber = n
+            src.PurposeOfReferenceCodeSequence = Sequence([_code('121322', 'DCM', 'Source image for image processing operation')])
+            der.SourceImageSequence = Sequence([src])
+            der.DerivationCodeSequence = Sequence([_code('113076', 'DCM', 'Segmentation')])
+            it.FrameContentSequence, it.PlanePositionSequence = Sequence([fc]), Sequence([pp])
+            it.SegmentIdentificationSequence, it.DerivationImageSequence = Sequence([si]), Sequence([der])
+            per.append(it); frames.append(on)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    ds.NumberOfFrames = len(frames)
+    bits = np.stack(frames) if frames else np.zeros((0, ds.Rows, ds.Columns), bool)
+    ds.PixelData = pydicom.pixels.pack_bits(bits.astype(np.uint8))   # 1 bit per pixel, frames back to back (C.8.20.2)
+    return _finish(ds, fn, SEG_SOP_CLASS)
+
+def _sop_ref(h):
+    it = Dataset()
+    it.ReferencedSOPClassUID, it.ReferencedSOPInstanceUID = h.SOPClassUID, h.SOPInstanceUID
+    return it
+
+def synth_rtstruct(fn, files, rois:dict, seed:int=0, series_uid:str|None=None) -> Path:
+    "Write an RT Structure Set `fn` (PS3.3 A.19) on the series `files`: `rois` maps ROI names to lists of closed planar contours, each (N, 3) LPS mm."
+    hs = _series_headers(files)
+    h0 = hs[0]
+    ds = Dataset()
+    series_uid = series_uid or _uid('rtss', h0.SeriesInstanceUID, seed)
+    _derived_common(ds, h0, 'RTSTRUCT', series_uid, _uid('rtsssop', series_uid), 'synthetic structures')
+    ds.StructureSetLabel, ds.StructureSetDate, ds.StructureSetTime = 'SYNTH', h0.get('StudyDate', ''), h0.get('StudyTime', '')
+    ds.OperatorsName = ''
+    rfor, study, ser = Dataset(), Dataset(), Dataset()   # C.8.8.5: what the contours are drawn on
+    ser.SeriesInstanceUID = h0.SeriesInstanceUID
+    ser.ContourImageSequence = Sequence([_sop_ref(h) for h in hs])
+    study.ReferencedSOPClassUID, study.ReferencedSOPInstanceUID = '1.2.840.10008.3.1.2.3.1', h0.StudyInstanceUID
+    study.RTReferencedSeriesSequence = Sequence([ser])
+    rfor.FrameOfReferenceUID = h0.FrameOfReferenceUID
+    rfor.RTReferencedStudySequence = Sequence([study])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([rfor])
+    ssroi, roic, obs = [], [], []
+    for n, (name, contours) in enumerate(rois.items(), 1):
+        it = Dataset()
+        it.ROINumber, it.ReferencedFrameOfReferenceUID, it.ROIName, it.ROIGenerationAlgorithm = n, h0.FrameOfReferenceUID, name, 'MANUAL'
+        ssroi.append(it)
+        rc = Dataset()
+        rc.ReferencedROINumber, rc.ROIDisplayColor = n, [255, 0, 0]
+        items = []
+        for pts in contours:
+            pts = np.asarray(pts, np.float64)
+            ci = Dataset()
+            ci.ContourGeometricType, ci.NumberOfContourPoints = 'CLOSED_PLANAR', len(pts)
+            ci.ContourData = [_ds_str(v) for v in pts.ravel()]
+            items.append(ci)
+        rc.ContourSequence = Sequence(items)
+        roic.append(rc)
+        ob = Dataset()
+        ob.ObservationNumber, ob.ReferencedROINumber, ob.RTROIInterpretedType, ob.ROIInterpreter = n, n, 'ORGAN', ''
+        obs.append(ob)
+    ds.StructureSetROISequence, ds.ROIContourSequence = Sequence(ssroi), Sequence(roic)
+    ds.RTROIObservationsSequence = Sequence(obs)
+    return _finish(ds, fn, RTSTRUCT_SOP_CLASS)
+
+def sphere_contours(t:CTSeriesTruth, centre, radius:float, n_points:int=64) -> list:
+    "Closed planar contours (N, 3) of a sphere (LPS `centre`, `radius` mm) on each slice plane of `t` it crosses: circles, exact in patient space."
+    centre, out = np.asarray(centre, np.float64), []
+    r, c = t.orientation[:3], t.orientation[3:]
+    a = np.linspace(0, 2*np.pi, n_points, endpoint=False)[:, None]
+    for p in t.positions:
+        d = (centre - p) @ t.normal
+        if abs(d) >= radius: continue
+        rr = math.sqrt(radius**2 - d**2)
+        out.append(centre - d*t.normal + rr*(np.cos(a)*r + np.sin(a)*c))
+    return out
+
+# %% ../nbs/02_synth.ipynb #9b591eb7
+class NoduleCase:
+    "What `synth_nodule_series` wrote: the series `files` (spatial order), `seg`/`rtstruct` files, `label`, `truth`, `mask`."
+    def __init__(self, **kw): self.__dict__.update(kw)
+    def __repr__(self): return f"NoduleCase({self.patient_id}, label={self.label!r}, {len(self.files)} slices, nodules={len(self.truth.nodules)})"
+
+def synth_nodule_series(path, nodule:bool=True, n_slices:int=32, size:int=32, spacing:float=1.,
+                        radius=(3., 5.), # nodule radius range, mm
+                        hu:float=120., patient_id:str='P0001', seed:int=0, seg:bool=True, rtstruct:bool=True,
+                        **kwargs # to `synth_ct_series`
+                       ) -> NoduleCase:
+    "A CT series (isotropic `spacing`) under `path`/'ct', with a spherical nodule of `hu` HU inside the body when `nodule`, its DICOM SEG and RT Structure Set."
+    path = Path(path)
+    rng = np.random.default_rng([seed, 23])
+    fov, depth = size*spacing, n_slices*spacing
+    centre = np.array([0., 0., -150.])
+    nodules = []
+    if nodule:
+        rad = float(rng.uniform(*radius))
+        # inside the soft tissue of the body ellipse (half axes .75 and .53 of the half FOV), away from the stack's ends
+        u, v = rng.uniform(-.4, .4), rng.uniform(-.25, .15)
+        w = rng.uniform(-1, 1)*max(depth/2 - rad - spacing, 0)
+        nodules = [(centre + np.array([u*fov/2, v*fov/2, w]), rad, hu)]
+    files, t = synth_ct_series(path/'ct', n_slices=n_slices, size=size, slice_spacing=spacing, pixel_spacing=(spacing, spacing),
+                               patient_id=patient_id, seed=seed, center=centre, nodules=nodules, return_truth=True, **kwargs)
+    mask = t.nodule_mask()
+    seg_fn = synth_seg(path/'seg.dcm', files, mask, seed=seed) if seg and nodule else None
+    rt_fn = (synth_rtstruct(path/'rtstruct.dcm', files, {'nodule': sphere_contours(t, *nodules[0][:2]) if nodule else []}, seed=seed)
+             if rtstruct else None)
+    return NoduleCase(files=files, folder=path/'ct', seg=seg_fn, rtstruct=rt_fn, label='nodule' if nodule else 'none',
+                      truth=t, mask=mask, patient_id=patient_id)
 
 # %% ../nbs/02_synth.ipynb #60d03ea9
 def synth_bad_files(path, size:int=32, seed:int=0) -> dict:
