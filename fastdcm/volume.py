@@ -22,7 +22,7 @@ from .pixels import dicom_windows
 
 # %% auto #0
 __all__ = ['tissue_ranges', 'SeriesError', 'slice_records', 'check_slices', 'find_series', 'Volume', 'load_series', 'iter_series',
-           'resample', 'neighbour_stack', 'slice_table']
+           'resample', 'VolumeMaskError', 'seg_to_volume', 'rtstruct_to_volume', 'neighbour_stack', 'slice_table']
 
 # %% ../nbs/07_volume.ipynb #eedff449
 class SeriesError(DicomError):
@@ -87,7 +87,8 @@ def _records_from_dataset(fn, ds, names_cache=None) -> list:
                   Modality=str(_get(ds, 'Modality', '')), SeriesDescription=description,
                   SeriesNumber=_int(_get(ds, 'SeriesNumber')), InstanceNumber=_int(_get(ds, 'InstanceNumber')),
                   rows=_int(_get(ds, 'Rows')), columns=_int(_get(ds, 'Columns')),
-                  samples=_int(_get(ds, 'SamplesPerPixel')) or 1, localizer=_is_localizer(ds), n_frames=nf)
+                  samples=_int(_get(ds, 'SamplesPerPixel')) or 1, localizer=_is_localizer(ds), n_frames=nf,
+                  SOPInstanceUID=str(_get(ds, 'SOPInstanceUID', '')), FrameOfReferenceUID=str(_get(ds, 'FrameOfReferenceUID', '')))
     enhanced = 'PerFrameFunctionalGroupsSequence' in ds or 'SharedFunctionalGroupsSequence' in ds
     recs = []
     for i in range(nf):
@@ -261,15 +262,16 @@ tissue_ranges = {'air': (-1100, -950), 'lung': (-950, -500), 'fat': (-150, -50),
 
 class Volume:
     "A 3-D image (Z, Y, X) with its spacing (mm), origin and direction in the patient's LPS coordinates."
-    def __init__(self, array, spacing=(1.,1.,1.), origin=(0.,0.,0.), direction=None, meta=None):
+    def __init__(self, array, spacing=(1.,1.,1.), origin=(0.,0.,0.), direction=None, meta=None, shape=None):
         self.array = array
+        self._shape = tuple(int(n) for n in shape) if array is None and shape is not None else None   # a grid without voxels
         self.spacing = tuple(float(s) for s in spacing)
         self.origin = np.asarray(origin, dtype=float)
         self.direction = np.eye(3) if direction is None else np.asarray(direction, dtype=float)
         self.meta = dict(meta or {})
 
     @property
-    def shape(self): return tuple(self.array.shape)
+    def shape(self): return tuple(self.array.shape) if self.array is not None else self._shape
     @property
     def affine(self) -> np.ndarray:
         "4x4 matrix mapping a voxel index (k, j, i, 1) to LPS millimetres."
@@ -313,7 +315,9 @@ def _untilt(arr, offsets, spacing, direction, fill):
         arr[k] = shift(arr[k], (dy, dx), order=1, mode='constant', cval=fill)
 
 def load_series(src, stage:str='modality', tilt:str='refuse', strict:bool=True, min_slices:int=3,
-                pad_value=None, progress:bool=False, recs=None) -> Volume:
+                pad_value=None, progress:bool=False, recs=None,
+                decode:bool=True, # False: headers only, a `Volume` with `array=None` (the grid, to put masks on)
+               ) -> Volume:
     "Load one series (folder, files, or a `find_series` row) into a validated `Volume`; `SeriesError` if it can't be trusted."
     if tilt not in ('refuse','resample','keep'): raise ValueError(f"tilt must be 'refuse', 'resample' or 'keep', not {tilt!r}")
     headers = None
@@ -333,9 +337,9 @@ def load_series(src, stage:str='modality', tilt:str='refuse', strict:bool=True, 
         raise SeriesError(name, next(p for p in chk['problems'] if p.startswith('gantry tilt')))
     for n in chk['notes']: warnings.warn(f'series {name}: {n}')
     order = chk['order']
-    arr = _decode_into(recs, order, stage, pad_value, progress, headers)
+    arr = _decode_into(recs, order, stage, pad_value, progress, headers) if decode else None
     direction = chk['direction'] if chk['direction'] is not None else np.eye(3)
-    if chk['tilt_deg'] and tilt=='resample':
+    if chk['tilt_deg'] and tilt=='resample' and decode:
         _untilt(arr, chk['offsets'], chk['spacing'], direction, float(arr.min()))
     elif chk['tilt_deg'] and tilt=='keep':
         pos = np.array([recs[i]['position'] for i in order])
@@ -346,9 +350,10 @@ def load_series(src, stage:str='modality', tilt:str='refuse', strict:bool=True, 
     meta = dict(SeriesInstanceUID=r['SeriesInstanceUID'], StudyInstanceUID=r['StudyInstanceUID'],
                 PatientID=r['PatientID'], Modality=r['Modality'], SeriesDescription=r['SeriesDescription'],
                 fnames=[recs[i]['fname'] for i in order], frames=[recs[i]['frame'] for i in order],
-                stage=stage, tilt_deg=chk['tilt_deg'], notes=chk['notes'])
+                stage=stage, tilt_deg=chk['tilt_deg'], notes=chk['notes'], FrameOfReferenceUID=r['FrameOfReferenceUID'],
+                SOPInstanceUIDs=[recs[i]['SOPInstanceUID'] for i in order])
     return Volume(arr, spacing=chk['spacing'], origin=chk['origin'] if chk['origin'] is not None else (0.,0.,0.),
-                  direction=direction, meta=meta)
+                  direction=direction, meta=meta, shape=(len(order), r['rows'], r['columns']))
 
 def _checked(px, shape, fn, frames=False):
     "`px` if its (per-frame) shape is `shape`, else a `SeriesError` naming the file."
@@ -479,6 +484,119 @@ def _hist(self:Volume, bins:int=100, ranges=None, ax=None, figsize=(8,3), log:bo
     ax.legend(fontsize=7, ncol=2, loc='upper right')
     return ax
 Volume.hist = _hist
+
+# %% ../nbs/07_volume.ipynb #501994d7
+class VolumeMaskError(DicomError):
+    "A SEG or RT Structure Set that can't be put on a series' grid: another series or frame of reference, frames off the grid..."
+
+def _seq0(ds, kw):
+    "First item of sequence `kw` in `ds` (None when absent or empty)."
+    s = ds.get(kw) if ds is not None else None
+    return s[0] if s else None
+
+def _grid(vol:Volume):
+    "(inverse affine, shape) of `vol`: LPS mm -> (k, j, i) voxel indices."
+    return np.linalg.inv(vol.affine), vol.shape
+
+def _to_index(vol, pts):
+    "Voxel indices (k, j, i) (float) of LPS points `pts` (..., 3)."
+    inv, _ = _grid(vol)
+    return np.asarray(pts, np.float64) @ inv[:3, :3].T + inv[:3, 3]
+
+def _check_reference(ds, vol, name, series_uids, for_uids):
+    "Refuse a mask that names another series or frame of reference than `vol`'s (when both sides say)."
+    series, fo = vol.meta.get('SeriesInstanceUID', ''), vol.meta.get('FrameOfReferenceUID', '')
+    series_uids, for_uids = {u for u in series_uids if u}, {u for u in for_uids if u}
+    if series and series_uids and series not in series_uids:
+        raise VolumeMaskError(name, f"references series {', '.join(sorted(series_uids))}, not the volume's series {series}")
+    if fo and for_uids and fo not in for_uids:
+        raise VolumeMaskError(name, f"is on frame of reference {', '.join(sorted(for_uids))}, not the volume's {fo}")
+
+def seg_to_volume(src, vol:Volume) -> tuple:
+    "Label map (int64, `vol.shape`) and segment names (index = segment number, 0 'background') of DICOM SEG `src` (PS3.3 C.8.20) on the grid of `vol`."
+    ds = src if isinstance(src, pydicom.Dataset) else dcmread(src)
+    name = _short(getattr(ds, 'filename', None) or src) if not isinstance(src, pydicom.Dataset) else 'SEG dataset'
+    if str(ds.get('Modality', '')) != 'SEG': raise VolumeMaskError(name, f"is not a Segmentation (Modality {ds.get('Modality', '')!r})")
+    refs = ds.get('ReferencedSeriesSequence') or []
+    _check_reference(ds, vol, name, [str(r.get('SeriesInstanceUID', '')) for r in refs], [str(ds.get('FrameOfReferenceUID', ''))])
+    kind = str(ds.get('SegmentationType', '')).upper()
+    if kind not in ('BINARY', 'FRACTIONAL', 'LABELMAP'): raise VolumeMaskError(name, f'SegmentationType {kind!r} is not supported')
+    D, H, W = vol.shape
+    if (int(ds.Rows), int(ds.Columns)) != (H, W):
+        raise VolumeMaskError(name, f'frames are {ds.Rows}x{ds.Columns}, the series slices {H}x{W}: not on its grid')
+    shared = _seq0(ds, 'SharedFunctionalGroupsSequence')
+    iop = _seq0(shared, 'PlaneOrientationSequence')
+    if iop is not None and 'ImageOrientationPatient' in iop:
+        row, col = np.asarray(iop.ImageOrientationPatient[:3], float), np.asarray(iop.ImageOrientationPatient[3:], float)
+        if max(np.abs(row - vol.direction[:, 2]).max(), np.abs(col - vol.direction[:, 1]).max()) > 1e-3:
+            raise VolumeMaskError(name, "frames are not in the series' orientation: not on its grid")
+    sops = {u: k for k, u in enumerate(vol.meta.get('SOPInstanceUIDs', []))}
+    names = {int(s.SegmentNumber): str(s.get('SegmentLabel', f'segment {s.SegmentNumber}')) for s in ds.get('SegmentSequence', [])}
+    per = ds.get('PerFrameFunctionalGroupsSequence') or []
+    nf = int(ds.get('NumberOfFrames', 1) or 1)
+    if len(per) != nf: raise VolumeMaskError(name, f'PerFrameFunctionalGroupsSequence has {len(per)} items for {nf} frames')
+    px = ds.pixel_array.reshape(nf, H, W) if nf else np.zeros((0, H, W))
+    if kind == 'FRACTIONAL': px = px >= 0.5*float(ds.get('MaximumFractionalValue', 255) or 255)
+    out = np.zeros((D, H, W), np.int64)
+    slots = []
+    for f, item in enumerate(per):
+        seg_n = 0
+        if kind != 'LABELMAP':
+            sid = _seq0(item, 'SegmentIdentificationSequence') or _seq0(shared, 'SegmentIdentificationSequence')
+            if sid is None: raise VolumeMaskError(name, f'frame {f} names no segment (Segment Identification Sequence)')
+            seg_n = int(sid.ReferencedSegmentNumber)
+        pos = _seq0(item, 'PlanePositionSequence')
+        if pos is not None and 'ImagePositionPatient' in pos:   # where the frame is: its position on the volume's grid
+            k, j, i = _to_index(vol, np.asarray(pos.ImagePositionPatient, float))
+            if abs(j) > 0.01 or abs(i) > 0.01 or abs(k - round(k)) > 0.05:
+                raise VolumeMaskError(name, f'frame {f} at {list(pos.ImagePositionPatient)} is not on a slice of the series')
+            k = int(round(k))
+        else:                                                   # else its source image
+            src_img = _seq0(_seq0(item, 'DerivationImageSequence'), 'SourceImageSequence')
+            uid = str(src_img.ReferencedSOPInstanceUID) if src_img is not None else None
+            if uid not in sops: raise VolumeMaskError(name, f'frame {f} has no plane position and no source image of the series')
+            k = sops[uid]
+        if not 0 <= k < D: raise VolumeMaskError(name, f'frame {f} lies outside the series (slice {k} of {D})')
+        slots.append((seg_n, f, k))
+    for seg_n, f, k in sorted(slots):   # ascending segment number: the higher one wins where segments overlap
+        if kind == 'LABELMAP': out[k] = px[f]
+        else: out[k][px[f] != 0] = seg_n
+    n = max([0, *names, int(out.max())])
+    return out, ['background'] + [names.get(s, f'segment {s}') for s in range(1, n+1)]
+
+def rtstruct_to_volume(src, vol:Volume, rois=None) -> tuple:
+    "Label map (int64, `vol.shape`) and ROI names (0 'background') of the closed planar contours of RT Structure Set `src` (PS3.3 C.8.8.5-6) rasterised on the grid of `vol`."
+    from skimage.draw import polygon
+    ds = src if isinstance(src, pydicom.Dataset) else dcmread(src)
+    name = _short(getattr(ds, 'filename', None) or src) if not isinstance(src, pydicom.Dataset) else 'RTSTRUCT dataset'
+    if str(ds.get('Modality', '')) != 'RTSTRUCT': raise VolumeMaskError(name, f"is not an RT Structure Set (Modality {ds.get('Modality', '')!r})")
+    fors = ds.get('ReferencedFrameOfReferenceSequence') or []
+    series = [str(se.get('SeriesInstanceUID', '')) for fo in fors for st in fo.get('RTReferencedStudySequence', [])
+              for se in st.get('RTReferencedSeriesSequence', [])]
+    _check_reference(ds, vol, name, series, [str(fo.get('FrameOfReferenceUID', '')) for fo in fors])
+    rois_info = [(int(r.ROINumber), str(r.get('ROIName', f'ROI {r.ROINumber}')), str(r.get('ReferencedFrameOfReferenceUID', '')))
+                 for r in ds.get('StructureSetROISequence', [])]
+    if rois is not None: rois_info = [r for r in rois_info if r[1] in rois]
+    contours = {int(rc.ReferencedROINumber): rc.get('ContourSequence', []) for rc in ds.get('ROIContourSequence', [])}
+    D, H, W = vol.shape
+    out = np.zeros((D, H, W), np.int64)
+    names = ['background']
+    for label, (number, roi, fo) in enumerate(rois_info, 1):
+        _check_reference(ds, vol, f'{name} ROI {roi!r}', [], [fo])
+        names.append(roi)
+        on = np.zeros((D, H, W), bool)
+        for c in contours.get(number, []):
+            if str(c.get('ContourGeometricType', 'CLOSED_PLANAR')) != 'CLOSED_PLANAR': continue   # points and open lines have no inside
+            kji = _to_index(vol, np.asarray(c.ContourData, np.float64).reshape(-1, 3))
+            k = float(np.median(kji[:, 0]))
+            if np.abs(kji[:, 0] - k).max() > 0.5 or abs(k - round(k)) > 0.25:
+                raise VolumeMaskError(name, f'a contour of ROI {roi!r} does not lie on a slice plane of the series (slice index {k:.2f})')
+            k = int(round(k))
+            if not 0 <= k < D: continue          # drawn beyond the scanned range
+            rr, cc = polygon(kji[:, 1], kji[:, 2], shape=(H, W))   # pixels whose centres are inside
+            on[k, rr, cc] ^= True                # several contours on one slice: even-odd, so an inner contour is a hole
+        out[on] = label                          # later ROIs on top
+    return out, names
 
 # %% ../nbs/07_volume.ipynb #00facdb4
 def neighbour_stack(array, i:int, k:int=1):
