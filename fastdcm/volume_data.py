@@ -6,21 +6,31 @@ Docs: https://fastdcm.github.io/fastdcm/volume_data.html.md"""
 
 # %% ../nbs/11_volume_data.ipynb #582195c2
 from __future__ import annotations
-import os, math, warnings
+import os, math, random, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
+import torch.nn.functional as F
 from fastcore.basics import store_attr
-from fasttransform import DisplayedTransform
+from fasttransform import DisplayedTransform, Transform
 from fastai.data.block import TransformBlock, DataBlock, CategoryBlock
 from fastai.data.transforms import ColReader
-from .core import DicomError
-from .pixels import dicom_pixels
-from .volume import SeriesError, Volume, load_series, _short
+from fastai.data.core import dispatch
+from fastai.torch_core import TensorImage, TensorMask, TensorCategory, TensorMultiCategory
+from fastai.vision.augment import RandTransform
+from fastai.vision.core import AddMaskCodes
+from fastai.losses import CrossEntropyLossFlat
+from .core import DicomError, dcmread
+from .pixels import dicom_pixels, dicom_windows, voi_lut_function
+from .volume import (SeriesError, Volume, load_series, resample, seg_to_volume, rtstruct_to_volume, VolumeMaskError,
+                            _short)
 from .transforms import TensorDicom
 from .data import PatientSplitter
 
 # %% auto #0
-__all__ = ['open_slice_stack', 'OpenSliceStack', 'SliceStackBlock', 'slice_datablock']
+__all__ = ['open_slice_stack', 'OpenSliceStack', 'SliceStackBlock', 'slice_datablock', 'TensorVolume', 'TensorMask3D',
+           'open_volume', 'OpenVolume', 'VolumeBlock', 'open_volume_mask', 'OpenVolumeMask', 'VolumeMaskBlock',
+           'ResampleVolume', 'CropPadVolume', 'volume_affines', 'VolumeAffine', 'VolumeIntensity',
+           'aug_volume_transforms', 'VolumeWindow', 'show_volume']
 
 # %% ../nbs/11_volume_data.ipynb #b2dfd8c4
 def open_slice_stack(fnames, stage:str='modality', cache=None) -> TensorDicom:
@@ -54,3 +64,311 @@ def slice_datablock(label_col:str='label', valid_pct:float=0.2, seed:int|None=No
     return DataBlock(blocks=(SliceStackBlock(stage=stage, cache=cache), CategoryBlock),
                      get_y=ColReader(label_col), splitter=PatientSplitter(valid_pct=valid_pct, seed=seed),
                      item_tfms=item_tfms, batch_tfms=batch_tfms)
+
+# %% ../nbs/11_volume_data.ipynb #a9ce2787
+class TensorVolume(TensorDicom):
+    "C x D x H x W float32 modality values (HU for CT) of a series; `spacing` (z, y, x mm), `origin` and `direction` (LPS) ride along as metadata."
+    @classmethod
+    def create(cls, src, stage:str='modality', **kwargs): return open_volume(src, stage=stage, **kwargs)
+    def volume(self, channel:int=0) -> Volume:
+        "Channel `channel` of this item as a `fastdcm.volume.Volume` (same geometry)."
+        return Volume(self[channel].as_subclass(torch.Tensor), **_geometry(self))
+    def show(self, ctx=None, **kwargs): return show_volume(self, axs=ctx, **kwargs)
+
+class TensorMask3D(TensorMask):
+    "D x H x W label map (int64) on a volume's grid; `codes` names the values (0: background), geometry as in `TensorVolume`."
+    def show(self, ctx=None, **kwargs): return show_volume(None, mask=self, axs=ctx, **kwargs)
+
+def _geometry(t) -> dict:
+    "The geometry metadata of a volume tensor (defaults when absent)."
+    return dict(spacing=tuple(getattr(t, 'spacing', (1., 1., 1.))), origin=np.asarray(getattr(t, 'origin', (0., 0., 0.)), float),
+                direction=np.asarray(getattr(t, 'direction', np.eye(3)), float))
+
+def _meta(vol:Volume) -> dict:
+    return dict(spacing=tuple(vol.spacing), origin=np.asarray(vol.origin, float), direction=np.asarray(vol.direction, float))
+
+def _series_src(o):
+    "A series source from a `find_series`/`slice_table`-like row (its `fnames`), else `o` itself."
+    if isinstance(o, pd.Series):
+        if 'fnames' not in o: raise DicomError('<row>', f"a row needs an 'fnames' column to name a series, it has {list(o.index)}")
+        return list(o['fnames'])
+    return o
+
+def open_volume(src, stage:str='modality', tilt:str='refuse', strict:bool=True) -> TensorVolume:
+    "A 1 x D x H x W `TensorVolume` from a series folder, a list of files, a `find_series` row, an enhanced multi-frame file or a `Volume`."
+    vol = src if isinstance(src, Volume) else load_series(_series_src(src), stage=stage, tilt=tilt, strict=strict)
+    arr = torch.as_tensor(np.asarray(vol.array, dtype=np.float32) if not isinstance(vol.array, torch.Tensor) else vol.array.float())
+    return TensorVolume(arr[None], **_meta(vol))
+
+class OpenVolume(DisplayedTransform):
+    "Type transform of `VolumeBlock`: a series (folder, files, row, multi-frame file) into a `TensorVolume`."
+    def __init__(self, stage='modality', tilt='refuse', strict=True):
+        super().__init__()
+        store_attr()
+    def encodes(self, o:str|os.PathLike|list|tuple|pd.Series|Volume):
+        return open_volume(o, stage=self.stage, tilt=self.tilt, strict=self.strict)
+
+def VolumeBlock(stage:str='modality', # `dicom_pixels` stage: 'modality' (HU...) or 'stored'
+                tilt:str='refuse', # see `load_series`
+                strict:bool=True) -> TransformBlock:
+    "A `TransformBlock` for 3-D series: float32 modality values, geometry kept (no /255)."
+    return TransformBlock(type_tfms=OpenVolume(stage=stage, tilt=tilt, strict=strict))
+
+# %% ../nbs/11_volume_data.ipynb #6dd0a6cc
+def _recode(label, names, codes):
+    "Label map `label` (values index `names`) renumbered to the index of each name in `codes` (names not in `codes` dropped)."
+    if codes is None: return label, list(names)
+    out = np.zeros_like(label)
+    for v, n in enumerate(names):
+        if v and n in codes: out[label == v] = list(codes).index(n)
+    return out, list(codes)
+
+def open_volume_mask(mask, series, codes=None) -> TensorMask3D:
+    "A D x H x W `TensorMask3D` from DICOM SEG or RT Structure Set `mask` on the grid of `series` (folder, files, row); `codes` fixes the value of each name."
+    grid = load_series(_series_src(series), decode=False)
+    ds = dcmread(mask)
+    modality = str(ds.get('Modality', ''))
+    if modality == 'SEG': label, names = seg_to_volume(ds, grid)
+    elif modality == 'RTSTRUCT': label, names = rtstruct_to_volume(ds, grid)
+    else: raise VolumeMaskError(_short(mask), f'is {modality or "no known modality"}: a 3-D mask must be a SEG or an RTSTRUCT')
+    label, names = _recode(label, names, codes)
+    return TensorMask3D(torch.from_numpy(label), codes=names, **_meta(grid))
+
+class OpenVolumeMask(DisplayedTransform):
+    "Type transform of `VolumeMaskBlock`: a row (`mask_col`, `series_col`) or a (mask, series) pair into a `TensorMask3D`."
+    loss_func = CrossEntropyLossFlat(axis=1)
+    def __init__(self, codes=None, mask_col='mask', series_col='fnames'):
+        super().__init__()
+        store_attr()
+    def encodes(self, o:pd.Series|tuple|list):
+        mask, series = (o[self.mask_col], o[self.series_col]) if isinstance(o, pd.Series) else o
+        return open_volume_mask(mask, series, codes=self.codes)
+
+def VolumeMaskBlock(codes:list|None=None, # names by value, 0 first ('background'): ROI/segment names are matched to them
+                    mask_col:str='mask', series_col:str='fnames') -> TransformBlock:
+    "A `TransformBlock` for 3-D masks stored as DICOM SEG or RT Structure Sets, put on the grid of their series."
+    return TransformBlock(type_tfms=OpenVolumeMask(codes=codes, mask_col=mask_col, series_col=series_col),
+                          item_tfms=AddMaskCodes(codes=codes))
+
+# %% ../nbs/11_volume_data.ipynb #3e86368b
+def _like(new, old, **kw):
+    "`new` as `old`'s type with `old`'s metadata (overridden by `kw`)."
+    return type(old)(new, **{**{k: v for k, v in old.__dict__.items()}, **kw})
+
+class ResampleVolume(DisplayedTransform):
+    "Item transform: resample volumes (linear) and masks (nearest) to `spacing` (z, y, x mm) with `fastdcm.volume.resample`."
+    order = 5
+    def __init__(self, spacing=(1., 1., 1.)): super().__init__(); self.spacing = spacing
+    def _one(self, t, x, order): return resample(Volume(t, **_geometry(x)), self.spacing, order=order)
+    def encodes(self, x:TensorVolume):
+        outs = [self._one(x[c].as_subclass(torch.Tensor), x, 1) for c in range(x.shape[0])]
+        return _like(torch.stack([o.array for o in outs]), x, spacing=outs[0].spacing)
+    def encodes(self, x:TensorMask3D):
+        out = self._one(x.as_subclass(torch.Tensor).float(), x, 0)
+        return _like(out.array.round().long(), x, spacing=out.spacing)
+
+def _crop_pad3d(t, starts, size, fill):
+    "Window `size` of the last three axes of `t` starting at `starts` (negative or past the end: padded with `fill`)."
+    out = t.new_full((*t.shape[:-3], *size), fill)
+    src, dst = [], []
+    for s, n, m in zip(starts, t.shape[-3:], size):
+        a, b = max(s, 0), min(s + m, n)
+        src.append(slice(a, max(a, b))); dst.append(slice(a - s, a - s + max(b - a, 0)))
+    out[(..., *dst)] = t[(..., *src)]
+    return out
+
+class CropPadVolume(RandTransform):
+    "Item transform: crop/pad volumes and masks to `size` (D, H, W) at the centre, at random, or around the mask's foreground (`method`)."
+    split_idx, order = None, 10
+    def __init__(self, size, method:str='centre', # 'centre', 'random' (train) or 'mask' (train: around a foreground voxel)
+                 p_foreground:float=0.8, # 'mask': how often the window is centred on a foreground voxel
+                 fill=None, **kwargs): # value padded into volumes (None: each volume's minimum, air); masks get 0
+        if method not in ('centre', 'center', 'random', 'mask'): raise ValueError(f"method must be 'centre', 'random' or 'mask', not {method!r}")
+        super().__init__(**kwargs)
+        self.size = (size,)*3 if isinstance(size, int) else tuple(size)
+        store_attr('method,p_foreground,fill')
+    def before_call(self, b, split_idx):
+        self.do = True
+        items = b if isinstance(b, (tuple, list)) else (b,)
+        x = next((o for o in items if isinstance(o, (TensorVolume, TensorMask3D))), None)
+        shape = np.array(x.shape[-3:]); size = np.array(self.size)
+        centre_start = (shape - size)//2
+        train = split_idx == 0
+        starts = centre_start
+        if train and self.method == 'random':
+            starts = np.array([random.randint(min(0, d), max(0, d)) for d in shape - size])
+        elif train and self.method == 'mask':
+            m = next((o for o in items if isinstance(o, TensorMask3D)), None)
+            fg = torch.nonzero(m > 0) if m is not None and random.random() < self.p_foreground else None
+            if fg is not None and len(fg):
+                c = fg[random.randrange(len(fg))].cpu().numpy()
+                starts = c - size//2 + np.array([random.randint(-(s//4), s//4) for s in size])
+                starts = np.clip(starts, np.minimum(0, shape - size), np.maximum(0, shape - size))
+            else: starts = np.array([random.randint(min(0, d), max(0, d)) for d in shape - size])
+        self.starts = [int(s) for s in starts]
+    def _origin(self, x):
+        g = _geometry(x)
+        return g['origin'] + g['direction'] @ (np.array(self.starts)*np.array(g['spacing']))   # voxel `starts` is the new (0, 0, 0)
+    def encodes(self, x:TensorVolume):
+        fill = float(x.min()) if self.fill is None else self.fill
+        return _like(_crop_pad3d(x.as_subclass(torch.Tensor), self.starts, self.size, fill), x, origin=self._origin(x))
+    def encodes(self, x:TensorMask3D):
+        return _like(_crop_pad3d(x.as_subclass(torch.Tensor), self.starts, self.size, 0), x, origin=self._origin(x))
+
+# %% ../nbs/11_volume_data.ipynb #a061f9ba
+def _rotation(angles):
+    "Rotation matrices (B, 3, 3) from angles (B, 3) in radians about the three axes, composed z @ y @ x."
+    cx, cy, cz = torch.cos(angles).unbind(-1); sx, sy, sz = torch.sin(angles).unbind(-1)
+    o, z = torch.ones_like(cx), torch.zeros_like(cx)
+    rx = torch.stack([o, z, z, z, cx, -sx, z, sx, cx], -1).view(-1, 3, 3)
+    ry = torch.stack([cy, z, sy, z, o, z, -sy, z, cy], -1).view(-1, 3, 3)
+    rz = torch.stack([cz, -sz, z, sz, cz, z, z, z, o], -1).view(-1, 3, 3)
+    return rz @ ry @ rx
+
+def volume_affines(n:int, shape, spacing=(1., 1., 1.), p_flip:float=0.5, max_rotate:float=10., max_scale:float=0.1,
+                   p_affine:float=0.75, device=None) -> torch.Tensor:
+    "`n` random `F.affine_grid` matrices (n, 3, 4) for volumes of `shape` (D, H, W): per-axis flips, and with probability `p_affine` a rotation (degrees) and an isotropic zoom, in millimetres."
+    d = torch.device(device or 'cpu')
+    # affine_grid's coordinates are (x, y, z) = (W, H, D), each in [-1, 1] (align_corners=True): half extents in mm
+    half = torch.tensor([(s-1)/2*sp for s, sp in zip(shape[::-1], tuple(spacing)[::-1])], dtype=torch.float32, device=d).clamp_min(1e-6)
+    on = (torch.rand(n, 1, device=d) < p_affine).float()
+    ang = (torch.rand(n, 3, device=d)*2 - 1) * math.radians(max_rotate) * on
+    zoom = 1 + (torch.rand(n, 1, 1, device=d)*2 - 1) * max_scale * on[..., None]
+    flip = torch.where(torch.rand(n, 3, device=d) < p_flip, -1., 1.)
+    m = torch.diag_embed(1/half) @ (_rotation(ang) / zoom) @ torch.diag_embed(half) @ torch.diag_embed(flip)   # normalised -> mm -> rotate/zoom -> normalised
+    return torch.cat([m, torch.zeros(n, 3, 1, device=d)], -1)
+
+class VolumeAffine(RandTransform):
+    "Batch transform on the batch's device: per-axis flips, small rotations and zooms, one affine per item, the same for the volume (trilinear) and its mask (nearest)."
+    split_idx, order = 0, 30
+    def __init__(self, p_flip:float=0.5, max_rotate:float=10., max_scale:float=0.1, p_affine:float=0.75,
+                 pad_mode:str='border', **kwargs):
+        super().__init__(**kwargs)
+        store_attr('p_flip,max_rotate,max_scale,p_affine,pad_mode')
+    def before_call(self, b, split_idx):
+        self.do = True
+        items = b if isinstance(b, (tuple, list)) else (b,)
+        x = next(o for o in items if isinstance(o, (TensorVolume, TensorMask3D)))
+        shape = x.shape[-3:]
+        self.theta = volume_affines(x.shape[0], shape, _geometry(x)['spacing'], self.p_flip, self.max_rotate, self.max_scale,
+                                    self.p_affine, x.device)
+        self.grid = F.affine_grid(self.theta, (x.shape[0], 1, *shape), align_corners=True)
+    def encodes(self, x:TensorVolume):
+        out = F.grid_sample(x.as_subclass(torch.Tensor).float(), self.grid.to(x.dtype if x.is_floating_point() else torch.float32),
+                            mode='bilinear', padding_mode=self.pad_mode, align_corners=True)   # 5-D bilinear: trilinear
+        return _like(out, x)
+    def encodes(self, x:TensorMask3D):
+        out = F.grid_sample(x.as_subclass(torch.Tensor)[:, None].float(), self.grid, mode='nearest', padding_mode='zeros',
+                            align_corners=True)
+        return _like(out[:, 0].round().long(), x)
+
+class VolumeIntensity(RandTransform):
+    "Batch transform: per-item intensity scale, shift and Gaussian noise in modality units (HU for CT), on the batch's device."
+    split_idx, order = 0, 40
+    def __init__(self, max_scale:float=0.05, max_shift:float=20., noise_std:float=10., p:float=0.5, **kwargs):
+        super().__init__(**kwargs)
+        store_attr('max_scale,max_shift,noise_std'); self.p_item = p
+    def before_call(self, b, split_idx): self.do = True
+    def encodes(self, x:TensorVolume):
+        t = x.as_subclass(torch.Tensor)
+        shape = (t.shape[0],) + (1,)*(t.ndim-1)
+        on = (torch.rand(shape, device=t.device) < self.p_item).to(t.dtype)
+        scale = 1 + on*(torch.rand(shape, device=t.device)*2 - 1)*self.max_scale
+        shift = on*(torch.rand(shape, device=t.device)*2 - 1)*self.max_shift
+        return _like(torch.addcmul(shift, t, scale) + on*self.noise_std*torch.randn_like(t), x)
+
+def aug_volume_transforms(p_flip:float=0.5, max_rotate:float=10., max_scale:float=0.1, p_affine:float=0.75,
+                          max_intensity_scale:float=0.05, max_shift:float=20., noise_std:float=10., p_intensity:float=0.5) -> list:
+    "The 3-D batch augmentations: geometry (`VolumeAffine`) then intensity in modality units (`VolumeIntensity`)."
+    return [VolumeAffine(p_flip, max_rotate, max_scale, p_affine),
+            VolumeIntensity(max_intensity_scale, max_shift, noise_std, p_intensity)]
+
+class VolumeWindow(Transform):
+    "Batch transform: modality values through one VOI window (PS3.3 C.11.2.1.2 LINEAR; a name of `dicom_windows` or (center, width)) to [0, 1], for the network."
+    order = 50
+    def __init__(self, window='soft_tissue'):
+        super().__init__()
+        self.window = window
+        self.center, self.width = dicom_windows[window] if isinstance(window, str) else window
+    def encodes(self, x:TensorVolume): return _like(voi_lut_function(x.as_subclass(torch.Tensor), self.center, self.width), x, windowed=True)
+
+# %% ../nbs/11_volume_data.ipynb #f551dce8
+_PLANES = ('axial', 'coronal', 'sagittal')
+
+def _centre(mask, shape):
+    "Slice indices (k, j, i) through the mask's centre of mass when it has foreground, else the middle of `shape`."
+    if mask is not None and bool((mask > 0).any()):
+        return [int(round(float(c))) for c in torch.nonzero(mask > 0).float().mean(0)]
+    return [s//2 for s in shape]
+
+def _planes(t, kji):
+    "Axial, coronal and sagittal planes of a (D, H, W) tensor through voxel `kji`."
+    k, j, i = kji
+    return t[k], t[:, j].flip(0), t[:, :, i].flip(0)   # slice 0 at the bottom: the head up for axial stacks
+
+def show_volume(x:TensorVolume|None=None, mask:TensorMask3D|None=None, axs=None, window=None, channel:int=0,
+                alpha:float=0.45, title:str|None=None, figsize=(7.5, 2.6), cmap='gray', **kwargs):
+    "Orthogonal slices (axial, coronal, sagittal) of volume `x` and/or `mask` (overlaid), through the mask's centre (else the middle), in mm proportions."
+    import matplotlib.pyplot as plt
+    ref = x if x is not None else mask
+    if axs is None: _, axs = plt.subplots(1, 3, figsize=figsize)
+    axs = list(np.ravel(axs))
+    sz, sy, sx = _geometry(ref)['spacing']
+    m = mask.as_subclass(torch.Tensor).detach().cpu() if mask is not None else None
+    kji = _centre(m, ref.shape[-3:])
+    aspects = (sy/sx, sz/sx, sz/sy)
+    if x is not None:
+        v = x.as_subclass(torch.Tensor)[channel].detach().float().cpu()
+        if getattr(x, 'windowed', False) or getattr(x, 'windows', None): lo, hi = 0., 1.
+        elif window is not None:
+            c, w = dicom_windows[window] if isinstance(window, str) else window
+            lo, hi = c - w/2, c + w/2
+        else: lo, hi = (float(q) for q in torch.quantile(v.flatten()[::max(1, v.numel()//100000)], torch.tensor([0.005, 0.995])))
+        for ax, p, a in zip(axs, _planes(v, kji), aspects): ax.imshow(p, cmap=cmap, vmin=lo, vmax=hi, aspect=a, interpolation='nearest')
+    if m is not None:
+        n = max(int(m.max()), 1)
+        for ax, p, a in zip(axs, _planes(m, kji), aspects):
+            ax.imshow(np.ma.masked_equal(p.numpy(), 0), cmap='autumn' if x is not None else 'tab10', vmin=0 if x is None else 1,
+                      vmax=n if x is not None else 10, alpha=alpha if x is not None else 1., aspect=a, interpolation='nearest')
+    for ax, name in zip(axs, _PLANES): ax.set_xticks([]); ax.set_yticks([]); ax.set_xlabel(name, fontsize=7)
+    if title is not None: axs[0].set_title(str(title), fontsize=9, loc='left')
+    return axs
+
+def _volume_grid(n, figsize=None):
+    import matplotlib.pyplot as plt
+    _, axs = plt.subplots(n, 3, figsize=figsize or (7.5, 2.5*n), squeeze=False)
+    return axs
+
+def _title(y):
+    if y is None: return None
+    if isinstance(y, torch.Tensor) and y.numel() == 1: return f'{float(y):.3g}'
+    return str(y)
+
+def _show_volume_batch(x, y, samples, outs=None, ctxs=None, max_n=4, figsize=None, **kwargs):
+    n = min(len(samples), max_n)
+    axs = ctxs if ctxs is not None else _volume_grid(n, figsize)
+    for r in range(n):
+        s = samples[r]
+        xi, yi = s[0], (s[1] if len(s) > 1 else None)
+        mask = yi if isinstance(yi, TensorMask3D) else None
+        title = None if mask is not None else _title(yi)
+        if outs is not None:
+            o = outs[r][0]
+            if isinstance(o, TensorMask3D):   # prediction drawn over the image, truth on its own in the title's place
+                show_volume(xi, mask=o, axs=axs[r], title='prediction' if r == 0 else None, **kwargs); continue
+            title = f'{title} / {_title(o)}'
+        show_volume(xi, mask=mask, axs=axs[r], title=title, **kwargs)
+    return axs
+
+def _register_shows():
+    "`show_batch`/`show_results` for volumes, whatever the target (one method per target type fastai already knows, so none is ambiguous)."
+    for y_type in (object, TensorCategory, TensorMask, TensorMultiCategory, TensorImage):
+        def _batch(x, y, samples, ctxs=None, max_n=4, figsize=None, **kwargs):
+            return _show_volume_batch(x, y, samples, None, ctxs, max_n, figsize, **kwargs)
+        def _results(x, y, samples, outs, ctxs=None, max_n=4, figsize=None, **kwargs):
+            return _show_volume_batch(x, y, samples, outs, ctxs, max_n, figsize, **kwargs)
+        for f, name in ((_batch, 'show_batch'), (_results, 'show_results')):
+            f.__name__ = f.__qualname__ = name
+            f.__annotations__ = {'x': TensorVolume, 'y': y_type}   # real types: this module's annotations are strings
+            dispatch(f)
+_register_shows()
