@@ -22,13 +22,14 @@ from fastai.interpret import ClassificationInterpretation
 from fastai.callback.core import Callback
 from torch import nn
 import fastai.callback.all  # registers fit_one_cycle, fine_tune and the progress bar on Learner
-from .transforms import DicomBlock, DicomResize, TensorDicom
+from .transforms import DicomBlock, DicomResize, TensorDicom, OpenDicom
 from .augment import Window, dicom_aug_transforms
 from .synth import synth_study_set
 from .data import PatientSplitter, PatientKFoldSplitter, DicomColReader, DicomDataLoaders, check_leakage
 
 # %% auto #0
-__all__ = ['data_norm_stats', 'pretrained_norm_stats', 'RecalibrateBN', 'vision_learner', 'unet_learner', 'run_demo']
+__all__ = ['data_norm_stats', 'pretrained_norm_stats', 'RecalibrateBN', 'RawValuesWarning', 'is_dicom_dls', 'vision_learner',
+           'unet_learner', 'run_demo']
 
 # %% ../nbs/06_learner.ipynb #7f117642
 def _has_norm(dls): return bool(dls.after_batch.fs.filter(lambda t: isinstance(t, Normalize)))
@@ -81,15 +82,26 @@ class RecalibrateBN(Callback):
         self.learn.model.train(was_training)
 
 # %% ../nbs/06_learner.ipynb #faafb942
+class RawValuesWarning(UserWarning):
+    "A pretrained model is about to be fed raw modality values, far outside the [0,1] its normalisation expects."
+
+def is_dicom_dls(dls) -> bool:
+    "Whether `dls` opens its inputs with a fastdcm opener (`DicomBlock`), i.e. its batches are `TensorDicom`."
+    ds = getattr(dls, 'train_ds', None)
+    tls = getattr(ds, 'tls', None) or []
+    return any(isinstance(t, OpenDicom) for tl in tls for t in getattr(getattr(tl, 'tfms', None), 'fs', []))
+
 def _prepare(dls, arch, normalize, n_in, pretrained, norm_batches):
     "Infer `n_in` from a training batch and add a `Normalize` suited to `pretrained` (once per `dls`)."
     x = dls.one_batch()[0]
     n_in = ifnone(n_in, x.shape[1])
-    if pretrained:
+    if pretrained and not getattr(x, 'windows', None):
         lo, hi = float(x.min()), float(x.max())
         if lo < -0.01 or hi > 1.01:
-            warnings.warn(f'pretrained weights expect [0,1] inputs but the batch spans [{lo:.4g}, {hi:.4g}]: '
-                          'add a `Window` batch transform (e.g. `windows=[...]`)')
+            warnings.warn(f'the training batch holds raw modality values in [{lo:.6g}, {hi:.6g}], but pretrained '
+                          'weights and their ImageNet normalisation expect [0,1] images: add windows, e.g. '
+                          "`DicomDataLoaders.from_df(..., windows=['auto'])` or `batch_tfms=[Window(['auto']), ...]` "
+                          "(or `RandomWindow`, `dicom_aug_transforms(wins=[...])`)", RawValuesWarning)
     if normalize and not _has_norm(dls):
         meta = _fv.model_meta.get(arch, _fv._default_meta) if not isinstance(arch, str) else {}
         stats = (pretrained_norm_stats(n_in, meta.get('stats') or imagenet_stats) if pretrained
@@ -101,21 +113,36 @@ def _bn_cbs(cbs, pretrained, recalibrate_bn):
     if not ifnone(recalibrate_bn, not pretrained): return cbs
     return listify(cbs) + [RecalibrateBN()]
 
-@delegates(_fv.vision_learner)
+_fastai_vision_learner, _fastai_unet_learner = _fv.vision_learner, _fv.unet_learner   # fastai's own, for other dls
+
+@delegates(_fastai_vision_learner)
 def vision_learner(dls, arch, normalize=True, n_in=None, pretrained=True, norm_batches:int=8, recalibrate_bn=None,
                    cbs=None, **kwargs):
-    "fastai's `vision_learner` with `n_in` inferred from the DICOM batch and normalisation suited to `pretrained`."
+    "fastai's `vision_learner`; on DICOM `dls`, `n_in` inferred from the batch and normalisation suited to `pretrained`."
+    if not is_dicom_dls(dls):
+        return _fastai_vision_learner(dls, arch, normalize=normalize, pretrained=pretrained, cbs=cbs,
+                                      **({} if n_in is None else {'n_in': n_in}), **kwargs)
     n_in = _prepare(dls, arch, normalize, n_in, pretrained, norm_batches)
-    return _fv.vision_learner(dls, arch, normalize=False, n_in=n_in, pretrained=pretrained,
-                              cbs=_bn_cbs(cbs, pretrained, recalibrate_bn), **kwargs)
+    return _fastai_vision_learner(dls, arch, normalize=False, n_in=n_in, pretrained=pretrained,
+                                  cbs=_bn_cbs(cbs, pretrained, recalibrate_bn), **kwargs)
 
-@delegates(_fv.unet_learner)
+@delegates(_fastai_unet_learner)
 def unet_learner(dls, arch, normalize=True, n_in=None, pretrained=True, norm_batches:int=8, recalibrate_bn=None,
                  cbs=None, **kwargs):
-    "fastai's `unet_learner` (segmentation) with `n_in` inferred from the DICOM batch and suitable normalisation."
+    "fastai's `unet_learner` (segmentation); on DICOM `dls`, `n_in` inferred from the batch and suitable normalisation."
+    if not is_dicom_dls(dls):
+        return _fastai_unet_learner(dls, arch, normalize=normalize, pretrained=pretrained, cbs=cbs,
+                                    **({} if n_in is None else {'n_in': n_in}), **kwargs)
     n_in = _prepare(dls, arch, normalize, n_in, pretrained, norm_batches)
-    return _fv.unet_learner(dls, arch, normalize=False, n_in=n_in, pretrained=pretrained,
-                            cbs=_bn_cbs(cbs, pretrained, recalibrate_bn), **kwargs)
+    return _fastai_unet_learner(dls, arch, normalize=False, n_in=n_in, pretrained=pretrained,
+                                cbs=_bn_cbs(cbs, pretrained, recalibrate_bn), **kwargs)
+
+# %% ../nbs/06_learner.ipynb #ordcd001
+def _make_fastai_learners_dicom_aware():
+    "Point fastai's `vision_learner`/`unet_learner` names at the DICOM-aware versions (they defer to fastai's for other dls)."
+    import fastai.vision.all as _fva
+    for mod in (_fv, _fva): mod.vision_learner, mod.unet_learner = vision_learner, unet_learner
+_make_fastai_learners_dicom_aware()
 
 # %% ../nbs/06_learner.ipynb #51f4f3c5
 def _savefig(fn, fig=None):

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, patch
 from fastai.torch_core import TensorImage, TensorMask, TensorImageBase
 from fastai.vision.core import TensorPoint, TensorBBox, show_image
 from fastai.data.block import TransformBlock
 from fastai.data.transforms import IntToFloatTensor
 from fastai.vision.data import AddMaskCodes
 from fastai.losses import CrossEntropyLossFlat
-from fastai.vision.augment import RandTransform
+from fastai.vision.augment import RandTransform, Resize, RandomResizedCrop, CropPad, RandomCrop, PadMode
 from fasttransform import Transform, DisplayedTransform
 from .core import DicomError, dcmread, source_name
 from .pixels import dicom_pixels
@@ -240,6 +240,8 @@ _register_int_to_float_passthrough()
 # %% ../nbs/03_transforms.ipynb #3128be5b
 class OpenDicom(DisplayedTransform):
     "Type transform of `DicomBlock`: open path/str/bytes/`Dataset`/DataFrame row into a `TensorDicom`."
+    # what `test_dl`/`predict` may hand it: fastai finds where a new item enters the pipeline by these types
+    input_types = (str, os.PathLike, bytes, bytearray, Dataset, pd.Series, TensorDicom)
     def __init__(self, stage='modality', frame=None, frames_as_channels=False, cache=None):
         super().__init__()
         store_attr()
@@ -272,6 +274,15 @@ def _crop_pad(x, top, left, ch, cw, fill):
     if pt or pl or pb or pr: x = F.pad(x, (pl,pr,pt,pb), value=float(fill))
     return x[..., top+pt:top+pt+ch, left+pl:left+pl+cw]
 
+def _resample(y, size, nearest:bool):
+    "Resize `y` (..., H, W) to `size` (h, w): nearest for masks, bilinear (antialiased when shrinking) for values."
+    if tuple(y.shape[-2:])==tuple(size): return y
+    y4 = y.reshape(-1, 1, *y.shape[-2:]) if y.ndim==2 else y.reshape(-1, *y.shape[-3:])
+    if nearest: out = F.interpolate(y4.float(), size=size, mode='nearest-exact').to(y.dtype)
+    else: out = F.interpolate(y4.float(), size=size, mode='bilinear', align_corners=False,
+                              antialias=any(s<r for s,r in zip(size, y.shape[-2:])))
+    return out.reshape(*y.shape[:-2], *size)
+
 def _first_image(b):
     for o in (b if isinstance(b, tuple) else (b,)):
         if isinstance(o, TensorImageBase) and o.ndim>=2: return o
@@ -297,14 +308,7 @@ class DicomResize(RandTransform):
         if self.region is None: # called on a bare tensor, without `before_call`
             self._src_hw = tuple(x.shape[-2:])
             self.region = _region(*self._src_hw, self.size, self.method, (0.5,0.5))
-        y = _crop_pad(x, *self.region, fill)
-        if tuple(y.shape[-2:])==self.size: return y
-        squeeze = y.ndim==2
-        y4 = y.reshape(-1, 1, *y.shape[-2:]) if squeeze else y.reshape(-1, *y.shape[-3:])
-        if mode=='nearest': out = F.interpolate(y4.float(), size=self.size, mode='nearest-exact').to(x.dtype)
-        else: out = F.interpolate(y4.float(), size=self.size, mode='bilinear', align_corners=False,
-                                  antialias=any(s<r for s,r in zip(self.size, y.shape[-2:])))
-        return out.reshape(*y.shape[:-2], *self.size)
+        return _resample(_crop_pad(x, *self.region, fill), self.size, nearest=mode=='nearest')
 
     def encodes(self, x:TensorDicom):
         return TensorDicom(self._resize(x.as_subclass(torch.Tensor), 'bilinear', x.min() if x.numel() else 0.), **x.__dict__)
@@ -319,6 +323,42 @@ class DicomResize(RandTransform):
         p[:,0] = ((p[:,0]+1)/2*W - left)/cw*2-1
         p[:,1] = ((p[:,1]+1)/2*H - top)/ch*2-1
         return type(x)(p.view(x.shape), **x.__dict__)
+
+# %% ../nbs/03_transforms.ipynb #rscd0001
+def _pad_region(x, top, left, ch, cw, pad_mode, fill):
+    "Cut rows `top`..`top+ch`, columns `left`..`left+cw` of `x` (..., H, W), padding per fastai's `pad_mode` outside it."
+    h,w = x.shape[-2:]
+    pt,pl,pb,pr = max(0,-top), max(0,-left), max(0,top+ch-h), max(0,left+cw-w)
+    if pt or pl or pb or pr:
+        mode = {PadMode.Zeros:'constant', PadMode.Border:'replicate', PadMode.Reflection:'reflect'}[pad_mode]
+        if mode=='reflect' and (max(pt,pb) >= h or max(pl,pr) >= w): mode = 'replicate'   # mirroring needs pad < size
+        if mode=='constant': x = F.pad(x, (pl,pr,pt,pb), value=float(fill))
+        else:
+            y = x.reshape(-1, 1, h, w) if x.ndim==2 else x.reshape(-1, *x.shape[-3:])
+            x = F.pad(y.float(), (pl,pr,pt,pb), mode=mode).to(x.dtype).reshape(*x.shape[:-2], h+pt+pb, w+pl+pr)
+    return x[..., top+pt:top+pt+ch, left+pl:left+pl+cw]
+
+@patch
+def crop_pad(x:TensorDicom|TensorMask, sz, tl=None, orig_sz=None, pad_mode=PadMode.Zeros, resize_mode=None, resize_to=None):
+    "fastai's `crop_pad` on a DICOM tensor: the (w, h) region `sz` at `tl` (left, top), padded per `pad_mode`, resized to `resize_to` (w, h)."
+    sz = (sz,sz) if isinstance(sz, int) else tuple(sz)
+    H,W = x.shape[-2:]
+    if tl is None: tl = ((W-sz[0])//2, (H-sz[1])//2)
+    mask = isinstance(x, TensorMask)
+    fill = 0 if mask or not x.numel() else float(x.min())
+    y = _pad_region(x.as_subclass(torch.Tensor), int(tl[1]), int(tl[0]), int(sz[1]), int(sz[0]), pad_mode, fill)
+    if resize_to is not None: y = _resample(y, (int(resize_to[1]), int(resize_to[0])), nearest=mask)
+    return type(x)(y, **x.__dict__)
+
+def _register_fastai_resizes():
+    "Let fastai's resize/crop transforms reach `TensorDicom` and `TensorMask` (through `crop_pad`) with fastai's own region logic."
+    for cls in (Resize, RandomResizedCrop, CropPad, RandomCrop):
+        impl = cls.encodes.methods[0].implementation   # fastai's: picks the region, calls `x.crop_pad`
+        def _make(impl):
+            def encodes(self, x:TensorDicom|TensorMask): return impl(self, x)
+            return encodes
+        cls(_make(impl))
+_register_fastai_resizes()
 
 # %% ../nbs/03_transforms.ipynb #64ca8b7b
 SEGMENTATION_SOP_CLASS = '1.2.840.10008.5.1.4.1.1.66.4'

@@ -238,3 +238,17 @@ def test_geometry_keeps_type_and_windows(batch):
     w = Window(['brain', 'bone'])(batch)
     out = aug_transforms(max_rotate=20, max_warp=0.3, p_affine=1., max_lighting=0.)[0](w, split_idx=0)
     assert type(out) is TensorDicom and out.windows == ['brain', 'bone'] and out.shape == w.shape
+
+def test_window_on_volume_batches():
+    "5-D batches (B, C, D, H, W): named windows per voxel, 'auto' from each volume's statistics (not per slice)."
+    torch.manual_seed(0)
+    vol = torch.randn(2, 1, 4, 8, 8) * 300 + torch.arange(4.).view(1, 1, 4, 1, 1) * 400   # slices of different ranges
+    x = TensorDicom(vol)
+    y = Window(['auto', 'lungs'])(x)
+    assert y.shape == (2, 2, 4, 8, 8) and y.windows == ['auto', 'lungs']
+    flat = Window('auto')(TensorDicom(vol.reshape(2, 1, 32, 8)))          # the same voxels laid out as one plane
+    torch.testing.assert_close(y[:, :1].reshape(2, 1, 32, 8).as_subclass(torch.Tensor), flat.as_subclass(torch.Tensor))
+    torch.testing.assert_close(y[:, 1:].as_subclass(torch.Tensor), torch.as_tensor(linear(vol.numpy(), -600, 1500), dtype=torch.float32))
+    assert y[:, 0, 0].mean() < 0.35 and y[:, 0, 3].mean() > 0.65     # one window for the volume: slices keep their order
+    inv = Window('auto')(TensorDicom(vol, inverted=(True, False)))
+    torch.testing.assert_close(inv[0].as_subclass(torch.Tensor), 1 - y[0, :1].as_subclass(torch.Tensor))
