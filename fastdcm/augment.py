@@ -22,7 +22,11 @@ from .transforms import TensorDicom, plane_percentiles, presentation_flags, _pla
 
 # %% auto #0
 __all__ = ['Window', 'show_windows', 'RandomWindow', 'DicomHistEq', 'DicomCLAHE', 'ModalityJitter', 'ModalityNoise',
-           'fit_projective', 'projective_grid', 'dicom_aug_transforms']
+           'fit_projective', 'projective_grid', 'dicom_aug_transforms', 'dicom_windows']
+
+# %% ../nbs/04_augment.ipynb #winptr02
+_all_ = ['dicom_windows']   # re-exported: `from fastdcm.augment import *` keeps giving the presets
+
 
 # %% ../nbs/04_augment.ipynb #8e66b9c5
 def _hist_eq(x:torch.Tensor, nbins:int=4096, invert:torch.Tensor|None=None) -> torch.Tensor:
