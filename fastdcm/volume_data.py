@@ -258,7 +258,7 @@ class VolumeAffine(RandTransform):
                             mode='bilinear', padding_mode=self.pad_mode, align_corners=True)   # 5-D bilinear: trilinear
         return _like(out, x)
     def encodes(self, x:TensorMask3D):
-        out = F.grid_sample(x.as_subclass(torch.Tensor)[:, None].float(), self.grid, mode='nearest', padding_mode='zeros',
+        out = F.grid_sample(x.as_subclass(torch.Tensor)[:, None].float(), self.grid, mode='nearest', padding_mode=self.pad_mode,
                             align_corners=True)
         return _like(out[:, 0].round().long(), x)
 
