@@ -93,7 +93,7 @@ def test_pretrained_path_uses_imagenet_stats(study, monkeypatch):
     assert not all(p.requires_grad for p in learn.model[0].parameters())     # frozen body, as fastai does
     # modality values into a pretrained model: warned
     dls1 = DicomDataLoaders.from_df(study, seed=0, bs=8, item_tfms=DicomResize(64), num_workers=0)
-    with pytest.warns(UserWarning, match=r'expect \[0,1\] inputs'):
+    with pytest.warns(UserWarning, match=r'expect \[0,1\] images'):
         learn1 = vision_learner(dls1, resnet18, pretrained=True)
     (norm1,) = _norm(dls1)
     np.testing.assert_allclose(norm1.mean.flatten().cpu().numpy(), [np.mean(imagenet_stats[0])], rtol=1e-5)
