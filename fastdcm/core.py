@@ -6,7 +6,8 @@ Docs: https://fastdcm.github.io/fastdcm/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #8fdf7551
 from __future__ import annotations
-import os, warnings
+import os, warnings, mmap, struct
+from contextlib import contextmanager
 from pathlib import Path
 from functools import partial
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -17,7 +18,7 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName, DSfloat, DSdecimal, IS
-from pydicom.uid import UID
+from pydicom.uid import UID, ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian
 from fastprogress.fastprogress import progress_bar
 
 # %% auto #0
@@ -58,6 +59,52 @@ def source_name(src):
     if isinstance(src, (bytes, bytearray)): return src
     return getattr(src, 'name', None)
 
+_VRS = frozenset(b'AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV'.split())
+
+def _plausible_start(head:bytes) -> bool:
+    "Whether `head` (a file's first bytes) starts like a dataset without preamble: a group 0008 (or file meta 0002) element, explicit VR or implicit VR little endian, or explicit VR big endian (PS3.5 7.1, A.1-A.3)."
+    if len(head) < 8: return False
+    if head[4:6] in _VRS:                                  # explicit VR: the tag tells the byte order
+        return head[:2] in (b'\x08\x00', b'\x02\x00', b'\x00\x08')
+    group, length = struct.unpack('<H2xI', head[:8])       # implicit VR little endian: a 4-byte length
+    return group == 0x0008 and length < 0x10000 and length != 0xFFFFFFFF
+
+def _head(src, n=8):
+    "The first `n` bytes of `src` (path or seekable binary file), leaving a file where it was; b'' when unreadable."
+    try:
+        if isinstance(src, (str, os.PathLike)):
+            with open(src, 'rb') as f: return f.read(n)
+        pos = src.tell(); src.seek(0)
+        try: return src.read(n)
+        finally: src.seek(pos)
+    except (OSError, AttributeError, ValueError): return b''
+
+class _MappedFile(mmap.mmap):
+    "A read-only memory map that pydicom reads like the file: a read past the end returns the bytes that are there, so an element claiming 4 GB allocates nothing (a buffered file's `read(n)` allocates `n` bytes first)."
+
+@contextmanager
+def _open_mapped(fn):
+    "`fn` opened for reading as a `_MappedFile` named like the file; the plain file where it can't be mapped (empty, a pipe)."
+    with open(fn, 'rb') as f:
+        try: m = _MappedFile(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):
+            yield f; return
+        with m:
+            m.name = f.name
+            yield m
+
+def _as_read_from_path(ds):
+    "Make a dataset read through `_open_mapped` look as pydicom's own read from a path leaves it (deferred values re-read from the file)."
+    if isinstance(ds, FileDataset) and isinstance(ds.buffer, _MappedFile): ds.buffer, ds.fileobj_type = None, open
+
+def _record_transfer_syntax(ds):
+    "A file without (0002,0010) was read in the encoding pydicom inferred from its first element: record it, so pixels decode (PS3.5 A.1: implicit VR little endian unless the element says otherwise)."
+    meta = getattr(ds, 'file_meta', None)
+    if meta is None or 'TransferSyntaxUID' in meta: return
+    implicit, little = getattr(ds, 'original_encoding', (None, None))
+    if implicit is None: return
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
 def dcmread(fn, force:bool=False, stop_before_pixels:bool=False, **kwargs) -> Dataset:
     "Read `fn` (path, binary file, bytes or `Dataset`) with pydicom, raising a `DicomError` subclass on bad input."
     if isinstance(fn, Dataset): return fn
@@ -66,10 +113,14 @@ def dcmread(fn, force:bool=False, stop_before_pixels:bool=False, **kwargs) -> Da
     if isinstance(src, (str, os.PathLike)) and not os.path.isfile(src):
         if os.path.isdir(src): raise NotDicomError(name, 'is a folder, not a file (use get_dicom_files or index_dicoms)')
         raise FileNotFoundError(f"{name}: no such file")
+    if not force and _plausible_start(_head(src)): force = True   # no preamble, but a dataset starts here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            ds = pydicom.dcmread(src, force=force, stop_before_pixels=stop_before_pixels, **kwargs)
+            if isinstance(src, (str, os.PathLike)):
+                with _open_mapped(src) as fp: ds = pydicom.dcmread(fp, force=force, stop_before_pixels=stop_before_pixels, **kwargs)
+            else: ds = pydicom.dcmread(src, force=force, stop_before_pixels=stop_before_pixels, **kwargs)
+            _as_read_from_path(ds)
     except InvalidDicomError as e: raise NotDicomError(name, f'not a DICOM file ({e}); pass force=True to try anyway') from e
     except (EOFError, OSError) as e:
         if isinstance(e, FileNotFoundError): raise
@@ -83,6 +134,7 @@ def dcmread(fn, force:bool=False, stop_before_pixels:bool=False, **kwargs) -> Da
         raise TruncatedDicomError(name, 'file ends before its first data element' +
                                   (' (after the file meta information)' if getattr(ds, 'file_meta', None) else ' (right after the DICM marker)'))
     _check_truncated(ds, name)
+    _record_transfer_syntax(ds)
     return ds
 
 def _check_truncated(ds, name):
@@ -97,17 +149,17 @@ def _check_truncated(ds, name):
 DICOM_EXTENSIONS = ('.dcm', '.dicom', '.dic')
 
 def is_dicom(fn) -> bool:
-    "True if `fn` has a DICOM extension (any case) or starts with a PS3.10 preamble and `DICM` marker."
+    "True if `fn` has a DICOM extension (any case), a PS3.10 preamble and `DICM` marker, or starts with a plausible group 0008 element (a dataset without preamble or file meta)."
     fn = Path(fn)
     if fn.name.upper()=='DICOMDIR': return False
     if fn.suffix.lower() in DICOM_EXTENSIONS: return True
     try:
-        with open(fn, 'rb') as f:
-            f.seek(128); return f.read(4)==b'DICM'
+        with open(fn, 'rb') as f: head = f.read(132)
     except OSError: return False
+    return head[128:132]==b'DICM' or _plausible_start(head)
 
 def get_dicom_files(path, recurse:bool=True, folders=None) -> list:
-    "Sorted list of DICOM files in `path`, by extension or `DICM` marker, optionally restricted to `folders`."
+    "Sorted list of DICOM files in `path` (see `is_dicom`), optionally restricted to `folders`."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'{path}: no such file or folder')   # a typo must not look like an empty folder
     if path.is_file(): return [path] if is_dicom(path) else []

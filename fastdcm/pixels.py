@@ -6,7 +6,7 @@ Docs: https://fastdcm.github.io/fastdcm/pixels.html.md"""
 
 # %% ../nbs/01_pixels.ipynb #5561018e
 from __future__ import annotations
-import os, io, math, struct, warnings
+import os, io, copy, math, mmap, struct, warnings
 from pathlib import Path
 import numpy as np
 import pydicom
@@ -14,13 +14,15 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pydicom.tag import Tag
 from pydicom.pixels import apply_color_lut
+from pydicom.pixels.utils import get_expected_length
+from pydicom.encaps import parse_basic_offsets, parse_fragments
 from .core import (source_name, DicomError, NotDicomError, TruncatedDicomError, NoPixelDataError, PixelDataLengthError,
-                          UnsupportedTransferSyntaxError, BadWindowError, dcmread)
+                          UnsupportedTransferSyntaxError, BadWindowError, dcmread, _open_mapped)
 
 # %% auto #0
 __all__ = ['VOI_FUNCTIONS', 'dicom_windows', 'STAGES', 'PixelDecodeError', 'MissingPixelDataError', 'n_frames', 'padding_range',
            'modality_params', 'modality_lut', 'voi_lut_function', 'header_windows', 'voi_lut', 'presentation_lut',
-           'FrameIndexError', 'dicom_pixels', 'padding_mask']
+           'FrameIndexError', 'ybr_full_to_rgb', 'dicom_pixels', 'padding_mask']
 
 # %% ../nbs/01_pixels.ipynb #d55b8ab5
 class PixelDecodeError(DicomError):
@@ -140,10 +142,12 @@ def _lut_data(item, ds):
     el = item['LUTData']
     if isinstance(el.value, (bytes, bytearray)):
         raw = bytes(el.value)
-        if len(raw) == n: table = np.frombuffer(raw, np.uint8)
+        # 8 bits per entry: one byte each (an odd count padded to even length); the byte count alone can't tell
+        # 8 from 16 bits, but the descriptor's bits can. 8-bit entries filling whole 16-bit words also occur.
+        if bits <= 8 and len(raw) < 2*n: table = np.frombuffer(raw, np.uint8)[:n]
         else:
             le = getattr(ds, 'original_encoding', (None, True))[1]
-            table = np.frombuffer(raw, '<u2' if le in (None, True) else '>u2')[:n]
+            table = np.frombuffer(raw[:len(raw)//2*2], '<u2' if le in (None, True) else '>u2')[:n]
     else:
         vals = el.value if isinstance(el.value, (list, tuple, pydicom.multival.MultiValue)) else [el.value]
         table = np.asarray([int(o) for o in vals], np.int64)[:n]
@@ -251,12 +255,33 @@ def _voi_luts(ds, frame):
     "VOI LUT Sequence items of `frame` (Frame VOI LUT Sequence per-frame > shared, else top level)."
     item = _fg_item(ds, frame, 'FrameVOILUTSequence')
     for src in (item, ds):
-        if src is not None and src.get('VOILUTSequence'): return list(src.VOILUTSequence)
+        if src is not None and src.get('VOILUTSequence'):
+            # an item without LUT Descriptor or LUT Data maps nothing: no VOI from it (as pydicom does)
+            return [o for o in src.VOILUTSequence if o.get('LUTDescriptor') and o.get('LUTData')]
     return []
+
+def _modality_max(ds):
+    "The largest value the Modality LUT can output for this file's stored values (None when unknown)."
+    try: bits, signed = int(_get(ds, 'BitsStored') or _get(ds, 'BitsAllocated')), int(_get(ds, 'PixelRepresentation', 0) or 0) == 1
+    except (TypeError, ValueError): return None
+    lo, hi = (-2**(bits-1), 2**(bits-1)-1) if signed else (0, 2**bits-1)
+    spec = modality_params(ds)
+    if spec is None: return hi
+    if spec[0] == 'rescale': return max(lo*spec[1] + spec[2], hi*spec[1] + spec[2])
+    return 2**int(spec[1].LUTDescriptor[2]) - 1
+
+def _voi_first_mapped(v, ds):
+    "The first input value a VOI LUT maps (PS3.3 C.11.2.1.1): in the units of the Modality LUT's output, so it can be negative whatever the stored values' signedness. Read as SS it is already; read as US, a value no Modality LUT output reaches is a negative SS."
+    v = int(v)
+    if 2**15 <= v < 2**16:
+        hi = _modality_max(ds)
+        if int(_get(ds, 'PixelRepresentation', 0) or 0) == 1 or (hi is not None and v > hi): v -= 2**16
+    return v
 
 def voi_lut(x:np.ndarray, item:Dataset, ds:Dataset) -> np.ndarray:
     "Map modality values `x` through a VOI LUT Sequence item (PS3.3 C.11.2.1.1), scaled to [0, 1] by the LUT's bits per entry."
-    table, first, bits = _lut_data(item, ds)
+    table, _, bits = _lut_data(item, ds)
+    first = _voi_first_mapped(item.LUTDescriptor[1], ds)
     idx = np.clip(np.rint(np.asarray(x, np.float64)) - first, 0, len(table)-1).astype(np.int64)
     return table[idx] / np.float32(2**bits - 1)
 
@@ -334,6 +359,16 @@ def _check_frame(frame, nf, name):
     if frame is not None and not (0 <= frame < nf):
         raise FrameIndexError(f'{_show(name)}: frame {frame} out of range: the file has {nf} frame(s)')
 
+def _check_length(length, need, name):
+    "Pixel Data of `length` bytes where the header's geometry needs `need`: shorter, or longer beyond the one pad byte to even length (PS3.5 7.1.1), is a lie about the geometry."
+    if length < need:
+        raise PixelDataLengthError(name, f'Pixel Data holds {length} bytes but Rows x Columns x Samples x Frames x Bits Allocated need {need}')
+    if length > need + 1:
+        raise PixelDataLengthError(name, f'Pixel Data holds {length} bytes but Rows x Columns x Samples x Frames x Bits Allocated need '
+                                         f'only {need}: the header does not describe these pixels')
+
+def _file_size(fp): return len(fp) if isinstance(fp, mmap.mmap) else os.fstat(fp.fileno()).st_size
+
 def _read_fast(fp, ds, frame, name):
     "Read native little-endian pixel data at `fp` (positioned on the Pixel Data tag), or None to fall back to pydicom."
     start = fp.tell()
@@ -348,21 +383,23 @@ def _read_fast(fp, ds, frame, name):
         length = struct.unpack('<I', ext)[0]
     else: length = struct.unpack('<H', head[6:])[0]
     if length == 0xFFFFFFFF: return None  # encapsulated data under a native transfer syntax: let pydicom judge
+    pos = fp.tell()
+    # compare what the header says with the bytes actually in the file before allocating anything
+    left = _file_size(fp) - pos
+    if length > left: raise TruncatedDicomError(name, f'file ends inside Pixel Data: the element says {length} bytes, the file holds {left}')
     nf = n_frames(ds)
     _check_frame(frame, nf, name)
-    need = _expected_bytes(ds, nf)
-    if length < need:
-        raise PixelDataLengthError(name, f'Pixel Data holds {length} bytes but Rows x Columns x Frames x Bits Allocated need {need}')
-    pos = fp.tell()
+    _check_length(length, _expected_bytes(ds, nf), name)
     ba = int(_get(ds, 'BitsAllocated'))
     rows, cols = int(_get(ds, 'Rows')), int(_get(ds, 'Columns'))
     dtype = np.dtype(f"<{'i' if int(_get(ds, 'PixelRepresentation')) == 1 else 'u'}{ba//8}")
     per_frame = rows * cols
     first, count = (0, nf) if frame is None else (frame, 1)
-    fp.seek(pos + first*per_frame*dtype.itemsize)
-    arr = np.fromfile(fp, dtype=dtype, count=count*per_frame)
-    if arr.size < count*per_frame:
-        raise TruncatedDicomError(name, f'file ends inside Pixel Data: {pos + length - fp.tell()} of its {length} bytes are missing')
+    offset = pos + first*per_frame*dtype.itemsize
+    if isinstance(fp, mmap.mmap): arr = np.frombuffer(fp, dtype, count*per_frame, offset).copy()   # the map closes after
+    else:
+        fp.seek(offset)
+        arr = np.fromfile(fp, dtype=dtype, count=count*per_frame)
     arr = _fix_bits(arr, ds)
     shape = (rows, cols)
     return arr.reshape(shape if (frame is not None or nf == 1) else (nf, *shape))
@@ -374,7 +411,10 @@ def _decode_pydicom(ds, frame, name):
         raise _no_pixels(ds, name)
     meta = getattr(ds, 'file_meta', None)
     ts = getattr(meta, 'TransferSyntaxUID', None) if meta is not None else None
-    if ts is None: raise PixelDecodeError(name, 'no (0002,0010) Transfer Syntax UID: the pixel encoding is unknown')
+    if ts is None:   # a Dataset read without file meta: the encoding pydicom read it in is the pixels' encoding too
+        ds = _with_transfer_syntax(ds)
+        if ds is None: raise PixelDecodeError(name, 'no (0002,0010) Transfer Syntax UID: the pixel encoding is unknown')
+        ts = ds.file_meta.TransferSyntaxUID
     ts = UID(ts)
     try: decoder = pydicom.pixels.get_decoder(ts)
     except NotImplementedError as e:
@@ -385,10 +425,15 @@ def _decode_pydicom(ds, frame, name):
                                              f" [{'; '.join(decoder.missing_dependencies)}]")
     nf = n_frames(ds)
     _check_frame(frame, nf, name)
+    _check_pixel_bytes(ds, ts, nf, name)
+    ybr16 = str(_get(ds, 'PhotometricInterpretation', '')).strip() == 'YBR_FULL' and int(_get(ds, 'BitsAllocated', 8) or 8) > 8
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            if frame is None or nf == 1: arr = ds.pixel_array
+            if ybr16:   # pydicom converts 8-bit YBR only
+                arr, _ = decoder.as_array(ds, index=None if nf == 1 else frame, as_rgb=False)
+                arr = ybr_full_to_rgb(arr, int(_get(ds, 'BitsStored') or _get(ds, 'BitsAllocated')))
+            elif frame is None or nf == 1: arr = ds.pixel_array
             else: arr, _ = decoder.as_array(ds, index=frame, as_rgb=True)
     except DicomError: raise
     except Exception as e:
@@ -400,6 +445,47 @@ def _decode_pydicom(ds, frame, name):
                                          'the stream may be corrupt, or another decoder may read it: pip install python-gdcm') from e
         raise PixelDecodeError(name, f'pixel data could not be decoded: {msg}') from e
     return arr
+
+def _with_transfer_syntax(ds):
+    "A shallow copy of `ds` whose file meta names the transfer syntax pydicom read it in (`ds` itself is the caller's: left as it is), or None when unknown."
+    from fastdcm.core import _record_transfer_syntax
+    res = copy.copy(ds)
+    res.file_meta = pydicom.dataset.FileMetaDataset(getattr(ds, 'file_meta', None) or Dataset())
+    _record_transfer_syntax(res)
+    return res if 'TransferSyntaxUID' in res.file_meta else None
+
+_RLE_MAX_RATIO = 64   # PS3.5 G.3.1: a replicate run codes at most 128 bytes in 2
+
+def _check_pixel_bytes(ds, ts, nf, name):
+    "Refuse, before any decoder allocates, a header that promises more (or other) pixels than the Pixel Data bytes can hold: native data longer or shorter than the geometry (beyond one pad byte), more frames than encapsulated fragments, RLE frames larger than RLE can code."
+    data = ds.get('PixelData')
+    if not isinstance(data, (bytes, bytearray)): return
+    try: need = get_expected_length(ds, 'bytes')
+    except (AttributeError, TypeError, ValueError, KeyError): return   # geometry missing: pydicom's decoder says what
+    if not ts.is_encapsulated:
+        _check_length(len(data), need, name)
+        return
+    endian = '<' if ts.is_little_endian else '>'
+    buf = io.BytesIO(data)
+    parse_basic_offsets(buf, endianness=endian)
+    n_fragments, _ = parse_fragments(buf, endianness=endian)
+    if nf > n_fragments:
+        raise PixelDataLengthError(name, f'Number of Frames is {nf} but the encapsulated Pixel Data holds only {n_fragments} fragment(s) (each frame needs at least one)')
+    if ts == pydicom.uid.RLELossless and need > _RLE_MAX_RATIO * len(data):
+        raise PixelDataLengthError(name, f'the header describes {need} bytes of pixels, more than RLE can code in the '
+                                         f'{len(data)} bytes of Pixel Data (at most {_RLE_MAX_RATIO}x)')
+
+# YBR_FULL from RGB, PS3.3 C.7.6.3.1.2 (offsets 2**(bits-1) on CB and CR)
+_YBR_FULL = np.array([[ .2990,  .5870,  .1140],
+                      [-.1687, -.3313,  .5000],
+                      [ .5000, -.4187, -.0813]])
+
+def ybr_full_to_rgb(arr:np.ndarray, bits:int) -> np.ndarray:
+    "RGB from YBR_FULL samples (last axis) of any bit depth: the inverse of PS3.3 C.7.6.3.1.2's equations, rounded and clipped to the stored range."
+    ybr = arr.astype(np.float64)
+    ybr[..., 1:] -= 2**(bits-1)
+    rgb = ybr @ np.linalg.inv(_YBR_FULL).T
+    return np.clip(np.rint(rgb), 0, 2**bits-1).astype(arr.dtype)
 
 def _header_end(header):
     "File offset where the element after the last one pydicom read into `header` starts, from pydicom's own `value_tell` and `length`; None when it no longer knows (the last element was converted or has undefined length)."
@@ -420,7 +506,7 @@ def _load_with_header(src, header, frame, name):
     if 'PixelData' in header or not _fast_eligible(header): return None
     pos = _header_end(header)
     if pos is None: return None
-    with open(src, 'rb') as fp:
+    with _open_mapped(src) as fp:
         fp.seek(pos)
         arr = _read_fast(fp, header, frame, name)
     return None if arr is None else (header, arr)
@@ -432,7 +518,7 @@ def _load(src, frame=None, header=None):
         if header is not None:
             res = _load_with_header(src, header, frame, name)
             if res is not None: return (*res, name)
-        with open(src, 'rb') as fp:
+        with _open_mapped(src) as fp:   # a lying element length allocates nothing (see fastdcm.core)
             ds = dcmread(fp, stop_before_pixels=True)
             ts = getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None)
             if ts is not None and ts != '1.2.840.10008.1.2.1.99':   # not deflated: `fp` stands where pydicom stopped
@@ -524,6 +610,12 @@ def dicom_pixels(src, stage:str='modality', frame:int|None=None, window=None, pa
         # pydicom only converts when read...): still a typed error naming the file, with the cause chained
         raise PixelDecodeError(_fname(src), f'inconsistent header: {type(e).__name__}: {e}') from e
 
+def _palette_bits(ds, rgb):
+    "Bits per palette entry: the LUT Descriptor's third value (PS3.3 C.7.6.3.1.5), whatever word size the data came in."
+    desc = ds.get('RedPaletteColorLookupTableDescriptor')
+    try: return int(desc[2])
+    except (TypeError, ValueError, IndexError): return rgb.dtype.itemsize*8
+
 def _check_out(out, shape, name):
     if out.shape != tuple(shape):
         raise PixelDecodeError(name, f'decodes to shape {tuple(shape)}, but `out` has shape {out.shape}')
@@ -549,7 +641,7 @@ def _pixels(src, stage, frame, window, pad_value, header=None, into=None):
             warnings.simplefilter('ignore')
             try: rgb = apply_color_lut(stored, ds)
             except Exception as e: raise PixelDecodeError(name, f'palette could not be applied: {type(e).__name__}: {e}') from e
-        out = rgb.astype(np.float32) / np.float32(np.iinfo(rgb.dtype).max if rgb.dtype.kind in 'ui' else 1)
+        out = rgb.astype(np.float32) / np.float32(2**_palette_bits(ds, rgb) - 1)
         if mask.any(): out[mask] = 0. if pad_value is None else pad_value
         return out
     if stage == 'modality' and into is not None: _check_out(into, stored.shape, name)

@@ -32,7 +32,10 @@ def _pydicom_gray(p):
             return ds, ds.pixel_array
     except Exception: return None
 
-GRAY = [p for p in ALL_FILES if _pydicom_gray(p) is not None]
+# pydicom trims Pixel Data longer than the geometry (with a warning); we refuse it (a header lying about its geometry
+# looks the same): a PixelDataLengthError, tested in test_pixels.py
+TOO_LONG = {'MR_small_padded.dcm'}
+GRAY = [p for p in ALL_FILES if p.name not in TOO_LONG and _pydicom_gray(p) is not None]
 
 def test_sweep_is_not_empty():
     assert len(GRAY) >= 25, [p.name for p in GRAY]

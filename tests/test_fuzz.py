@@ -46,7 +46,8 @@ CORPUS = [('CT_small.dcm', [(955, 130), (404, 78)], NotDicomError),          # u
           ('MR_small.dcm', [(1442, 210)], PixelDecodeError),     # Pixel Representation 210 (ValueError)
           ('MR_small.dcm', [(1484, 29), (137, 19)], NotDicomError),         # BytesLengthException while reading
           ('MR_small.dcm', [(251, 51), (1395, 95)], NotDicomError),         # unknown VR in the file meta
-          ('MR_small_RLE.dcm', [(1387, 193), (733, 94)], PixelDecodeError)]          # RLE stream no plugin can decode
+          # was 'RLE stream no plugin can decode': its Rows now promise more bytes than RLE can code in this Pixel Data
+          ('MR_small_RLE.dcm', [(1387, 193), (733, 94)], PixelDataLengthError)]
 
 @pytest.mark.parametrize('name,edits,cls', CORPUS, ids=lambda o: str(o)[:24])
 def test_known_mutants_raise_typed_errors(tmp_path, name, edits, cls):

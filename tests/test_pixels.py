@@ -1,5 +1,5 @@
 "Tests for fastdcm.pixels beyond the notebook: import hygiene, fast path vs pydicom path, bad input, enhanced multi-frame."
-import subprocess, sys
+import struct, subprocess, sys
 from pathlib import Path
 import numpy as np, pytest, pydicom
 from pydicom.data import get_testdata_file
@@ -174,3 +174,183 @@ def test_raw_header_values_match_pydicom():
     # the geometry and code keywords were all met somewhere
     assert {'ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing', 'SliceThickness', 'InstanceNumber',
             'ImageType', 'Modality', 'SeriesInstanceUID', 'RescaleSlope', 'Rows'} <= checked, checked
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 8: files without preamble or file meta (item 2), pixel edge cases (item 3), headers that lie (item 4)
+import tracemalloc
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from fastdcm.synth import synth_bad_files
+
+def _meta_less(src, dst, implicit):
+    "`src` rewritten without preamble, `DICM` or file meta (a raw dataset, PS3.5 A.1 / A.2)."
+    ds = pydicom.dcmread(src)
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(dst, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    return dst
+
+@pytest.mark.parametrize('implicit', [True, False])
+def test_files_without_preamble_or_meta_decode(tmp_path, implicit):
+    f = _meta_less(CT, tmp_path/'IM000001', implicit)             # no extension either, as PACS exports write them
+    b = f.read_bytes()
+    assert b[:2] == b'\x08\x00' and b[128:132] != b'DICM'
+    assert get_dicom_files(tmp_path) == [f]
+    ds = dcmread(f)                                               # no force needed: a dataset starts at byte 0
+    assert ds.file_meta.TransferSyntaxUID == ('1.2.840.10008.1.2' if implicit else '1.2.840.10008.1.2.1')
+    for stage in ('stored', 'modality', 'display'):
+        ref = dicom_pixels(CT, stage)
+        np.testing.assert_array_equal(dicom_pixels(f, stage), ref)
+        np.testing.assert_array_equal(dicom_pixels(b, stage), ref)
+    # a Dataset read elsewhere without any file meta: decoded in the encoding pydicom read it in, and left as it was
+    raw = pydicom.dcmread(f, force=True)
+    assert 'TransferSyntaxUID' not in raw.file_meta
+    np.testing.assert_array_equal(dicom_pixels(raw), dicom_pixels(CT))
+    assert 'TransferSyntaxUID' not in raw.file_meta
+
+def test_synth_no_preamble_and_pydicom_meta_less_files(tmp_path):
+    f = synth_bad_files(tmp_path)['no_preamble']
+    ds = pydicom.dcmread(f, force=True); ds.file_meta.TransferSyntaxUID = '1.2.840.10008.1.2'   # what PS3.5 A.1 says it is
+    np.testing.assert_array_equal(dicom_pixels(f, 'stored'), ds.pixel_array)
+    np.testing.assert_allclose(dicom_pixels(f), pydicom.pixels.apply_modality_lut(ds.pixel_array, ds), atol=1e-3)
+    for name in ('ExplVR_LitEndNoMeta.dcm', 'ExplVR_BigEndNoMeta.dcm'):   # RT plans (no pixels), explicit VR LE / BE
+        g = tmp_path/name.replace('.dcm', ''); g.write_bytes(Path(get_testdata_file(name)).read_bytes())
+        assert is_dicom(g) and dcmread(g).Modality == 'RTPLAN'
+
+def test_palette_8bit_descriptor_in_16bit_words(tmp_path):
+    "PS3.3 C.7.6.3.1.5: the descriptor's third value is the bits per entry; 8-bit entries stored in 16-bit words scale by 255, not 65535."
+    src = get_testdata_file('examples_palette.dcm')
+    ds = pydicom.dcmread(src)
+    tables = []
+    for c in ('Red', 'Green', 'Blue'):
+        d = getattr(ds, f'{c}PaletteColorLookupTableDescriptor')
+        data = np.frombuffer(getattr(ds, f'{c}PaletteColorLookupTableData'), '<u2') >> 8
+        setattr(ds, f'{c}PaletteColorLookupTableDescriptor', [d[0], d[1], 8])
+        setattr(ds, f'{c}PaletteColorLookupTableData', data.astype('<u2').tobytes())
+        tables.append(data)
+    f = tmp_path/'pal8.dcm'; ds.save_as(f)
+    got = dicom_pixels(f, 'display')
+    stored = pydicom.dcmread(src).pixel_array
+    np.testing.assert_allclose(got, np.stack([t[stored] for t in tables], -1) / 255., atol=1e-6)
+    np.testing.assert_allclose(got, dicom_pixels(src, 'display'), atol=1/255)        # the same picture as the 16-bit palette
+
+def _mono(fn, stored, implicit=False, **attrs):
+    "A minimal MONOCHROME2 file from `stored` (uint16), with `attrs` (keyword -> value, or (VR, value))."
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = '1.2.840.10008.5.1.4.1.1.7', generate_uid()
+    meta.TransferSyntaxUID = '1.2.840.10008.1.2' if implicit else ExplicitVRLittleEndian
+    ds = Dataset(); ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SamplesPerPixel, ds.PhotometricInterpretation = 'CT', 1, 'MONOCHROME2'
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for k, v in attrs.items(): setattr(ds, k, v)
+    ds.PixelData = stored.astype('<u2').tobytes()
+    ds.save_as(fn, enforce_file_format=True, implicit_vr=implicit)
+    return fn
+
+def _voi_item(desc, data=None, vr='SS', data_bytes=None):
+    item = Dataset()
+    if desc is not None: item.add_new('LUTDescriptor', vr, desc)
+    if data_bytes is not None: item.add_new('LUTData', 'OW', data_bytes)
+    elif data is not None: item.add_new('LUTData', 'US', [int(v) for v in data])
+    return item
+
+@pytest.mark.parametrize('implicit', [False, True])
+def test_voi_lut_negative_first_mapped_value(tmp_path, implicit):
+    "The VOI LUT's input is the Modality LUT's output (PS3.3 C.11.2.1.1): a first mapped value of -24 on unsigned stored data with intercept -1024 is -24 HU, whether the descriptor was read as SS or (implicit VR, unsigned data) as US 65512."
+    stored = np.arange(900, 1300, dtype=np.uint16).reshape(20, 20)      # -124 .. 275 HU
+    table = np.linspace(0, 65535, 256).round()
+    f = _mono(tmp_path/'voi.dcm', stored, implicit, RescaleSlope=1, RescaleIntercept=-1024,
+              VOILUTSequence=[_voi_item([256, -24, 16], table)])
+    got = dicom_pixels(f, 'display')
+    hu = stored.astype(np.float64) - 1024
+    np.testing.assert_allclose(got, table[np.clip(hu + 24, 0, 255).astype(int)] / 65535, atol=1e-6)
+    assert got.min() == 0 and got.max() == 1 and 0 < np.median(got) < 1
+
+def test_voi_lut_item_without_table_is_no_voi(tmp_path):
+    "A VOI LUT Sequence item with no LUT Descriptor or LUT Data (and no window): no VOI, as pydicom does -- the display is the plain range."
+    stored = np.arange(400, dtype=np.uint16).reshape(20, 20)
+    ref = dicom_pixels(_mono(tmp_path/'plain.dcm', stored), 'display')
+    item = Dataset(); item.LUTExplanation = 'EMPTY'
+    got = dicom_pixels(_mono(tmp_path/'empty_voi.dcm', stored, VOILUTSequence=[item]), 'display')
+    np.testing.assert_array_equal(got, ref)
+
+def test_voi_lut_8bit_odd_number_of_entries(tmp_path):
+    "8 bits per entry with an odd entry count: LUT Data bytes are padded to even length; 8 or 16 bits comes from the descriptor."
+    table = np.linspace(0, 255, 255).round().astype(np.uint8)           # 255 entries -> 256 bytes with the pad
+    stored = np.arange(400, dtype=np.uint16).reshape(20, 20)
+    f = _mono(tmp_path/'voi8.dcm', stored, VOILUTSequence=[_voi_item([255, 100, 8], vr='US', data_bytes=table.tobytes() + b'\0')])
+    got = dicom_pixels(f, 'display')
+    assert got.max() <= 1
+    np.testing.assert_allclose(got, table[np.clip(stored.astype(int) - 100, 0, 254)] / 255., atol=1e-6)
+
+def test_ybr_full_16bit_to_rgb(tmp_path):
+    "16-bit YBR_FULL (pydicom 3.0.2 converts 8-bit only) becomes RGB by the inverse of PS3.3 C.7.6.3.1.2's equations."
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(2000, 63000, (6, 7, 3)).astype(np.float64)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    ybr = np.stack([.2990*r + .5870*g + .1140*b, -.1687*r - .3313*g + .5000*b + 32768, .5000*r - .4187*g - .0813*b + 32768], -1)
+    meta = FileMetaDataset(); meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = '1.2.840.10008.5.1.4.1.1.7', generate_uid()
+    ds = Dataset(); ds.file_meta = meta; ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 6, 7, 3, 'YBR_FULL', 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.rint(ybr).astype('<u2').tobytes()
+    f = tmp_path/'ybr16.dcm'; ds.save_as(f, enforce_file_format=True)
+    np.testing.assert_allclose(dicom_pixels(f, 'stored'), rgb, atol=2)                 # within rounding of the YBR samples
+    np.testing.assert_allclose(dicom_pixels(f, 'display'), rgb / 65535, atol=3/65535)
+    # the same conversion as pydicom's on 8-bit data
+    y8 = np.rint(ybr / 257).clip(0, 255).astype(np.uint8)
+    np.testing.assert_allclose(ybr_full_to_rgb(y8, 8).astype(int),
+                               pydicom.pixels.convert_color_space(y8, 'YBR_FULL', 'RGB').astype(int), atol=1)
+
+def _peak_alloc(f, *a, **k):
+    "(result or exception, peak bytes allocated while `f` ran)."
+    tracemalloc.start()
+    try:
+        try: res = f(*a, **k)
+        except Exception as e: res = e
+        return res, tracemalloc.get_traced_memory()[1]
+    finally: tracemalloc.stop()
+
+def _edited(tmp_path, src, name, **attrs):
+    ds = pydicom.dcmread(src)
+    for k, v in attrs.items(): setattr(ds, k, v)
+    fn = tmp_path/name; ds.save_as(fn)
+    return fn
+
+@pytest.mark.parametrize('src,attrs,sizes', [
+    ('CT_small.dcm', dict(Rows=64), ('32768', '16384')),                 # today: half the image
+    ('SC_rgb.dcm', dict(Columns=3), ('30000', '900')),                   # today: 33 invented frames
+    ('MR_small_padded.dcm', {}, ('8320', '8192')),                        # 128 bytes beyond the geometry
+    ('CT_small.dcm', dict(NumberOfFrames='99999999999'), ('32768', '3276799999967232')),
+    ('MR_small_RLE.dcm', dict(NumberOfFrames='99999999'), ('99999999', '1 fragment')),
+    ('MR_small_RLE.dcm', dict(Rows=60000, Columns=60000), ('7200000000', '6128'))])
+def test_headers_that_lie_about_geometry(tmp_path, src, attrs, sizes):
+    "Pixel Data longer than the geometry (beyond one pad byte), absurd frame counts and geometry: a PixelDataLengthError naming both sizes, before allocating."
+    f = _edited(tmp_path, get_testdata_file(src), 'lie.dcm', **attrs)
+    for stage, inp in (('stored', f), ('modality', f), ('display', f), ('modality', f.read_bytes()), ('modality', dcmread(f))):
+        err, peak = _peak_alloc(dicom_pixels, inp, stage)
+        assert isinstance(err, PixelDataLengthError) and ('lie.dcm' in str(err) or 'bytes>' in str(err)), err
+        assert all(s in str(err) for s in sizes), str(err)
+        assert peak < 20 * f.stat().st_size, peak
+
+def test_lying_element_lengths_allocate_nothing(tmp_path):
+    "An element whose length runs past the end of the file is refused by comparing with the bytes in the file: nothing near its size is allocated."
+    b = bytearray(Path(CT).read_bytes())
+    pix = b.rfind(b'\xe0\x7f\x10\x00OW')
+    lie = bytearray(b); lie[pix+8:pix+12] = struct.pack('<I', 0xFFFFFFF0)
+    f = tmp_path/'pixlen.dcm'; f.write_bytes(bytes(lie))
+    for call in (lambda: dicom_pixels(f), lambda: dcmread(f), lambda: dicom_pixels(f, frame=0)):
+        err, peak = _peak_alloc(call)
+        assert isinstance(err, TruncatedDicomError) and 'pixlen.dcm' in str(err) and '4294967280' in str(err), err
+        assert peak < 20 * len(b), peak
+    # a header element (private OB) that claims 4 GB
+    raw = dcmread(CT, stop_before_pixels=True).get_item(0x00431028, keep_deferred=True)
+    lie = bytearray(b); lie[raw.value_tell-4:raw.value_tell] = struct.pack('<I', 0xFFFFFFF0)
+    g = tmp_path/'oblen.dcm'; g.write_bytes(bytes(lie))
+    for call in (lambda: dicom_pixels(g), lambda: dcmread(g, stop_before_pixels=True)):
+        err, peak = _peak_alloc(call)
+        assert isinstance(err, TruncatedDicomError) and 'oblen.dcm' in str(err), err
+        assert peak < 20 * len(b), peak
