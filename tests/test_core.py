@@ -2,6 +2,7 @@
 import os, shutil
 from pathlib import Path
 import pytest
+import pandas as pd
 from pydicom.data import get_testdata_file
 from fastdcm.core import *
 
@@ -45,3 +46,77 @@ def test_get_dicom_files_skips_what_is_not_dicom(tmp_path):
 def test_missing_path_is_an_error_not_an_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match='typo'): get_dicom_files(tmp_path/'typo')
     with pytest.raises(FileNotFoundError, match='typo'): index_dicoms(tmp_path/'typo', progress=False)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 8 item 2: datasets without preamble or file meta are found and read; item 5: the header index keeps its shape
+import re
+import numpy as np, pydicom
+
+def _meta_less(dst, implicit=True):
+    ds = pydicom.dcmread(CT); del ds.file_meta; ds.preamble = None
+    ds.save_as(dst, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    return dst
+
+def test_get_dicom_files_finds_datasets_without_preamble(tmp_path):
+    _meta_less(tmp_path/'IM0001'); _meta_less(tmp_path/'IM0002', implicit=False)
+    big = Path(get_testdata_file('ExplVR_BigEndNoMeta.dcm')); (tmp_path/'IM0003').write_bytes(big.read_bytes())
+    (tmp_path/'zeros').write_bytes(bytes(300)); (tmp_path/'text').write_text('0008 is not enough' * 10)
+    (tmp_path/'group10').write_bytes(b'\x10\x00\x10\x00PN\x04\x00Doe^')          # explicit VR, but not group 0002/0008
+    (tmp_path/'huge_len').write_bytes(b'\x08\x00\x05\x00\xff\xff\xff\x7f' + bytes(100))  # implicit VR, absurd length
+    assert [f.name for f in get_dicom_files(tmp_path)] == ['IM0001', 'IM0002', 'IM0003']
+    assert dcmread(tmp_path/'IM0001').file_meta.TransferSyntaxUID == '1.2.840.10008.1.2'
+    assert dcmread(tmp_path/'IM0003').file_meta.TransferSyntaxUID == '1.2.840.10008.1.2.2'
+    df = index_dicoms(tmp_path, progress=False)
+    assert df.error.isna().all() and df.Modality.tolist() == ['CT', 'CT', 'RTPLAN']
+
+def _implicit_copy(dst, **attrs):
+    "CT_small in implicit VR little endian (4-byte lengths: room for absurd values), with `attrs` set."
+    ds = pydicom.dcmread(CT); ds.file_meta.TransferSyntaxUID = '1.2.840.10008.1.2'
+    for k, v in attrs.items(): setattr(ds, k, v)
+    ds.save_as(dst, implicit_vr=True)
+    return dst
+
+def test_index_multi_values_stay_one_column(tmp_path):
+    shutil.copy(CT, tmp_path/'ct.dcm'); shutil.copy(get_testdata_file('MR_small.dcm'), tmp_path/'mr.dcm')
+    df = index_dicoms(tmp_path, progress=False)
+    assert not [c for c in df.columns if re.fullmatch(r'(ImagePositionPatient|ImageType|PixelSpacing|WindowCenter)\d+', c)]
+    ct = df.set_index(df.fname.map(lambda f: Path(f).name)).loc['ct.dcm']
+    assert ct.ImageType == ('ORIGINAL', 'PRIMARY', 'AXIAL') and len(ct.ImagePositionPatient) == 3
+    assert isinstance(ct.Rows, (int, np.integer)) and ct.Rows == 128
+
+def test_one_corrupt_file_never_changes_the_index_shape(tmp_path):
+    shutil.copy(CT, tmp_path/'a.dcm'); shutil.copy(get_testdata_file('MR_small.dcm'), tmp_path/'b.dcm')
+    good = index_dicoms(tmp_path, progress=False)
+    _implicit_copy(tmp_path/'c_values.dcm', ImageType=['X']*65535)                 # 65,535 values
+    _implicit_copy(tmp_path/'d_text.dcm', StudyDescription='A' * 1_000_000)          # a 1 MB LO
+    _implicit_copy(tmp_path/'e_vm.dcm')
+    raw = bytearray((tmp_path/'e_vm.dcm').read_bytes())                             # Rows (US, VM 1) with two values
+    el = pydicom.dcmread(tmp_path/'e_vm.dcm', stop_before_pixels=True).get_item(0x00280010)
+    raw[el.value_tell-4:el.value_tell+2] = b'\x04\x00\x00\x00\x80\x00'; raw[el.value_tell+2:el.value_tell+2] = b'\x80\x00'
+    (tmp_path/'e_vm.dcm').write_bytes(bytes(raw))
+    (tmp_path/'f_junk.dcm').write_bytes(b'garbage' * 100)
+    df = index_dicoms(tmp_path, progress=False)
+    assert list(df.columns) == list(good.columns) and len(df) == 6
+    rows = df.set_index(df.fname.map(lambda f: Path(f).name))
+    assert rows.loc[['a.dcm', 'b.dcm'], 'error'].isna().all()
+    assert len(rows.loc['c_values.dcm', 'ImageType']) == 1024 and 'ImageType has 65535 values' in rows.loc['c_values.dcm', 'error']
+    assert len(rows.loc['d_text.dcm', 'StudyDescription']) == 10240 and '1000000 characters' in rows.loc['d_text.dcm', 'error']
+    assert pd.isna(rows.loc['e_vm.dcm', 'Rows']) and 'Rows has 2 values' in rows.loc['e_vm.dcm', 'error']
+    assert rows.loc['f_junk.dcm', 'error'].startswith('NotDicomError')
+    assert rows.loc['c_values.dcm', 'PatientID'] == rows.loc['a.dcm', 'PatientID']    # the rest of a corrupt row is kept
+
+def test_index_one_row_per_frame(tmp_path):
+    from fastdcm.synth import synth_dicom
+    from fastdcm.pixels import dicom_pixels
+    cine = synth_dicom(tmp_path/'cine.dcm', modality='MR', frames=4, size=32, patient_id='P7')
+    shutil.copy(CT, tmp_path/'ct.dcm')
+    _implicit_copy(tmp_path/'liar.dcm', NumberOfFrames='99999999999')
+    df = index_dicoms(tmp_path, progress=False, frames=True)
+    assert list(df.columns[:2]) == ['fname', 'frame'] and df.frame.dtype.kind == 'i'
+    by = {Path(f).name: g for f, g in df.groupby('fname')}
+    assert by['cine.dcm'].frame.tolist() == [0, 1, 2, 3] and (by['cine.dcm'].PatientID == 'P7').all()
+    assert by['ct.dcm'].frame.tolist() == [0] and by['ct.dcm'].error.isna().all()
+    assert len(by['liar.dcm']) == 1 and 'Number of Frames 99999999999 cannot fit' in by['liar.dcm'].error.item()
+    full = dicom_pixels(cine)
+    for _, r in by['cine.dcm'].iterrows(): np.testing.assert_array_equal(dicom_pixels(r.fname, frame=r.frame), full[r.frame])
+    assert 'frame' not in index_dicoms(tmp_path, progress=False).columns and len(index_dicoms(tmp_path, progress=False)) == 3
