@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from fastdcm.core import dcmread
+from fastdcm.core import dcmread, DicomError
 from fastdcm.pixels import dicom_pixels
 from fastdcm.export import *
 from fastdcm.export import profile_tags
 
-SALT = 'test-salt'
+SALT = 'test-salt-0123456789'
 PATIENTS = [('Smith^John', 'PID-884422', '19510203'), ('Doe^Jane', 'PID-991133', '19660712'), ('Roe^Rick', 'PID-335577', '19800101')]
 
 def _ct(fn, name, pid, birth, study, seed, slope=1., intercept=-1024., burned=False, private=True):
@@ -163,7 +163,7 @@ def test_anonymize_dicom_has_no_phi(tree, tmp_path):
     src_px = sorted(dcmread(f).pixel_array.tobytes() for f in tree.rglob('IM*'))
     assert sorted(ds.pixel_array.tobytes() for ds in dss) == src_px
     res2 = anonymize(tree, tmp_path/'anon2', salt=SALT, progress=False, skip_burned_in=True)
-    assert res2['done'] == 5 and len(res2['failed']) == 1 and 'BurnedInAnnotation' in res2['failed'][0][1]
+    assert res2['done'] == 5 and len(res2['failed']) == 1 and 'Burned In Annotation' in res2['failed'][0][1]
     # same salt: same UIDs across runs
     assert {p.relative_to(tmp_path/'anon2') for p in (tmp_path/'anon2').rglob('*.dcm')} < {p.relative_to(tmp_path/'anon') for p in outs}
 
@@ -200,11 +200,11 @@ def test_never_writes_inside_source(tree, tmp_path):
 
 def test_refuses_to_mix_settings(tree, tmp_path):
     convert(tree, tmp_path/'out', 'png16', anonymize=True, salt=SALT, progress=False)
-    for kw in [dict(format='tiff16'), dict(stage='display'), dict(anonymize=False), dict(salt='other')]:
+    for kw in [dict(format='tiff16'), dict(stage='display'), dict(anonymize=False), dict(salt='other-salt-0123')]:
         args = dict(format='png16', anonymize=True, salt=SALT) | kw
-        with pytest.raises(ValueError, match='other settings'): convert(tree, tmp_path/'out', progress=False, **args)
+        with pytest.raises(ValueError, match='other settings|another salt'): convert(tree, tmp_path/'out', progress=False, **args)
     anonymize(tree, tmp_path/'anon', salt=SALT, progress=False)
-    with pytest.raises(ValueError, match='other settings'): anonymize(tree, tmp_path/'anon', salt='other', progress=False)
+    with pytest.raises(ValueError, match='another salt'): anonymize(tree, tmp_path/'anon', salt='other-salt-0123', progress=False)
     assert convert(tree, tmp_path/'out', 'png16', anonymize=True, salt=SALT, progress=False)['skipped'] == 6
 
 def test_single_file(tree, tmp_path):
@@ -314,3 +314,276 @@ def test_profile_applies_inside_sequences(tmp_path):
     outs = {dcmread(p).SOPInstanceUID: dcmread(p) for p in (tmp_path/'anon').rglob('*.dcm')}
     with_ref = [d for d in outs.values() if 'ReferencedImageSequence' in d]
     assert len(with_ref) == 1 and with_ref[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID in outs
+
+# ---- issue 8 items 7-9, issue 14: deterministic profile, no silent loss, salts, burned-in text ----
+import json, signal, subprocess, sys, textwrap, time, unicodedata
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+import fastdcm.export as ex
+
+def _value(vr, n):
+    "A value of VR `vr` that is easy to find again (`n` makes it unique)."
+    vr = vr.split(' or ')[0]
+    return {'DA': '20200102', 'TM': '101010', 'DT': '20200102101010', 'AS': '045Y', 'DS': '1.5', 'IS': '7',
+            'UI': f'1.2.826.0.1.3680043.8.498.{n}', 'PN': f'Secret^Name{n}', 'UR': 'http://secret.example',
+            'CS': 'SECRET', 'AE': 'SECRETAE', 'AT': 0x00100010,
+            'SQ': Sequence([Dataset()]), 'OB': b'\x01\x02', 'OW': b'\x01\x02', 'UN': b'\x01\x02'}.get(
+        vr, 7 if vr in ('US', 'SS', 'UL', 'SL', 'FL', 'FD') else f'secret {n}')
+
+# combined actions: the IOD-conformant choice, documented in 08_export (X/Z -> Z, X/D, Z/D, X/Z/D -> D, X/Z/U* -> U*)
+_CHOICE = {'Z/D': 'D', 'X/Z': 'Z', 'X/D': 'D', 'X/Z/D': 'D', 'X/Z/U*': 'U*'}
+
+def _profile_dataset():
+    "Every single-tag attribute of the profile table at the top level and again inside an item of a kept sequence."
+    ds = Dataset(); inner = Dataset(); want = {}
+    for n, ((g, e, *r), action) in enumerate(sorted(profile_tags().items())):
+        if r or g in (0x0000, 0x0002): continue                  # repeating groups below; command/meta groups aren't data
+        tag = (g << 16) | e
+        if tag in (0x00100010, 0x00100020): continue              # Patient Name / ID become the pseudonymous key
+        try: vr = dictionary_VR(tag).split(' or ')[0]
+        except KeyError: vr = 'LO'                                 # newer than pydicom's dictionary: as an explicit-VR file holds it
+        for d in (ds, inner):
+            d.add_new(tag, vr, _value(vr, n))
+            if vr == 'SQ': d[tag].value[0].add_new(0x00100010, 'PN', f'Nested^Secret{n}')
+        want[tag] = (_CHOICE.get(action, action), vr, _value(vr, n))
+    ds.add_new(0x60000010, 'US', 512); ds.add_new(0x60003000, 'OW', b'\x00' * 8); ds.add_new(0x60024000, 'LT', 'overlay note')
+    ds.add_new(0x50000005, 'US', 2)                                # curve data (50xx,xxxx): X
+    ds.ReferencedSeriesSequence = Sequence([inner])                # not in the table: kept, its items protected
+    return ds, want
+
+def _check_action(d, tag, action, vr, orig, where):
+    el = d.get(tag)
+    if action == 'X': assert el is None, f'{where} {tag:08X} {keyword_for_tag(tag)}: X but kept'; return
+    assert el is not None, f'{where} {tag:08X} {keyword_for_tag(tag)}: {action} but removed'
+    if action == 'Z': assert el.VM == 0 or el.value in ('', None) or vr == 'SQ' and len(el.value) == 0, f'{where} {tag:08X}: Z but {el.value!r}'
+    elif action == 'D':
+        assert el.VM > 0 and el.value not in ('', None), f'{where} {tag:08X}: D but empty'
+        if vr == 'UI': assert el.value == pseudo_uid(orig, SALT)
+        elif vr == 'SQ': assert 'Secret' not in str(el.value[0].PatientName)
+        elif vr not in ('US', 'SS', 'UL', 'SL', 'FL', 'FD', 'DS', 'IS'): assert el.value != orig, f'{where} {tag:08X}: D kept the value'
+    elif action in ('U', 'U*'): assert vr != 'UI' or el.value == pseudo_uid(orig, SALT)
+    else: raise AssertionError(f'unexpected action {action}')
+
+def test_profile_actions_exactly_as_table(monkeypatch):
+    "Every attribute of the Basic Profile table, top level and nested: X removed, Z emptied, D dummy, U remapped; overlays and curves whole."
+    ds, want = _profile_dataset()
+    assert len(want) > 600
+    out = deidentify(ds, SALT.encode())
+    for tag, (action, vr, orig) in want.items():
+        _check_action(out, tag, action, vr, orig, 'top')
+        _check_action(out.ReferencedSeriesSequence[0], tag, action, vr, orig, 'nested')
+    assert not [el.tag for el in out if 0x5000 <= el.tag.group <= 0x60FF]        # no Overlay / Curve element left
+    assert out.LongitudinalTemporalInformationModified == 'REMOVED'
+    removed = {keyword_for_tag(t) for t, (a, *_) in want.items() if a == 'X'}
+    assert {'PerformedProcedureStepStartDate', 'DateOfLastCalibration'} <= removed
+
+def _with_references(fn, target_sop, study, n):
+    "A CT whose sequences reference another instance: Referenced PPS (X/Z/D), SR-like Content Sequence (D), Source Image (X/Z/U*)."
+    _ct(fn, *PATIENTS[0], study, n)
+    ds = pydicom.dcmread(fn)
+    pps = Dataset(); pps.ReferencedSOPClassUID, pps.ReferencedSOPInstanceUID = '1.2.840.10008.3.1.2.3.3', '1.2.826.0.1.3680043.8.498.77'
+    ds.ReferencedPerformedProcedureStepSequence = Sequence([pps])
+    ref = Dataset(); ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, target_sop
+    item = Dataset(); item.RelationshipType, item.ValueType = 'CONTAINS', 'IMAGE'; item.ReferencedSOPSequence = Sequence([ref])
+    ds.ContentSequence = Sequence([item])
+    src = Dataset(); src.ReferencedSOPClassUID, src.ReferencedSOPInstanceUID = ds.SOPClassUID, target_sop
+    ds.SourceImageSequence = Sequence([src])
+    ds.save_as(fn)
+
+def test_uids_deterministic_and_references_kept(tmp_path):
+    "Two runs with one salt: byte-identical; every instance UID, in any sequence, through the one map; SOP classes kept."
+    study = generate_uid(entropy_srcs=['refs'])
+    a = _ct(tmp_path/'src'/'a.dcm', *PATIENTS[0], study, 1)
+    target = pydicom.dcmread(a).SOPInstanceUID
+    _with_references(tmp_path/'src'/'b.dcm', target, study, 2)
+    anonymize(tmp_path/'src', tmp_path/'one', salt=SALT, progress=False)
+    anonymize(tmp_path/'src', tmp_path/'two', salt=SALT, progress=False)
+    assert outputs(tmp_path/'one') == outputs(tmp_path/'two')
+    dss = [dcmread(p) for p in (tmp_path/'one').rglob('*.dcm')]
+    b = next(d for d in dss if 'ContentSequence' in d)
+    new_target = pseudo_uid(target, SALT)
+    assert new_target in {d.SOPInstanceUID for d in dss}
+    ref = b.ContentSequence[0].ReferencedSOPSequence[0]
+    assert (ref.ReferencedSOPInstanceUID, ref.ReferencedSOPClassUID) == (new_target, '1.2.840.10008.5.1.4.1.1.2')
+    assert b.SourceImageSequence[0].ReferencedSOPInstanceUID == new_target
+    pps = b.ReferencedPerformedProcedureStepSequence[0]
+    assert pps.ReferencedSOPInstanceUID == pseudo_uid('1.2.826.0.1.3680043.8.498.77', SALT)
+    assert pps.ReferencedSOPClassUID == '1.2.840.10008.3.1.2.3.3'               # well-known UID: kept
+
+def test_descriptors_clean_and_retain(tmp_path):
+    "Coded sequences repeating the study description: cleaned by default, kept verbatim with descriptors='retain'."
+    ds = pydicom.dcmread(_ct(tmp_path/'x.dcm', *PATIENTS[0], '1.2.3.4', 1))
+    ds.StudyDescription = ds.SeriesDescription = 'CT BRAIN WO IVCON'
+    for kw in ('ProcedureCodeSequence', 'RequestedProcedureCodeSequence', 'PerformedProtocolCodeSequence'):
+        c = Dataset(); c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = 'CTBRWO', '99LOCAL', 'CT BRAIN WO IVCON'
+        setattr(ds, kw, Sequence([c]))
+    buf = io.BytesIO(); deidentify(pydicom.dcmread(_save(ds, tmp_path/'y.dcm')), SALT).save_as(buf)
+    clean = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    assert b'BRAIN' not in buf.getvalue()
+    assert clean.ProcedureCodeSequence[0].CodeValue == 'CTBRWO' and clean.ProcedureCodeSequence[0].CodeMeaning
+    assert 'descriptors clean' in clean.DeidentificationMethod
+    kept = deidentify(pydicom.dcmread(tmp_path/'y.dcm'), SALT, descriptors='retain')
+    assert kept.StudyDescription == 'CT BRAIN WO IVCON' and kept.PerformedProtocolCodeSequence[0].CodeMeaning == 'CT BRAIN WO IVCON'
+    with pytest.raises(ValueError, match='descriptors'): deidentify(pydicom.dcmread(tmp_path/'y.dcm'), SALT, descriptors='keep')
+
+def _save(ds, fn): ds.save_as(fn); return fn
+
+def test_salt_sources_and_short_salts(tree, tmp_path, monkeypatch):
+    "Salt from a file or $FASTDCM_SALT_FILE gives the same outputs as --salt; short salts are refused wherever they come from."
+    f = tmp_path/'salt.txt'; f.write_text(SALT + '\n')
+    convert(tree, tmp_path/'a', 'npy', anonymize=True, salt=SALT, progress=False)
+    convert(tree, tmp_path/'b', 'npy', anonymize=True, salt_file=f, progress=False)
+    monkeypatch.setenv('FASTDCM_SALT_FILE', str(f))
+    convert(tree, tmp_path/'c', 'npy', anonymize=True, progress=False)
+    assert outputs(tmp_path/'a') == outputs(tmp_path/'b') == outputs(tmp_path/'c')
+    assert resolve_salt() == SALT.encode() == resolve_salt(salt_file=f)
+    monkeypatch.setenv('FASTDCM_SALT', 'from-the-env-var')                          # the env var wins over the env file
+    assert resolve_salt() == b'from-the-env-var'
+    with pytest.raises(ValueError, match='not both'): resolve_salt(SALT, f)
+    with pytest.raises(ValueError, match='at least'): resolve_salt('short')
+    monkeypatch.setenv('FASTDCM_SALT', 'abc')
+    with pytest.raises(ValueError, match=r'\$FASTDCM_SALT is 3 characters'): resolve_salt()
+    f.write_text('tiny')
+    with pytest.raises(ValueError, match='salt file'): resolve_salt(salt_file=f)
+    with pytest.raises(ValueError, match='at least'): convert(tree, tmp_path/'d', progress=False, salt='abc')
+    assert not (tmp_path/'d').exists()
+
+def test_nothing_salt_derived_in_settings(tree, tmp_path):
+    "The settings file is the same whatever the salt: it holds nothing to test a guessed salt against."
+    for d, salt in (('a', SALT), ('b', 'a-different-salt-42')):
+        convert(tree, tmp_path/d, 'npy', anonymize=True, salt=salt, progress=False)
+        anonymize(tree, tmp_path/(d + 'dcm'), salt=salt, progress=False)
+    assert (tmp_path/'a'/'.fastdcm.json').read_bytes() == (tmp_path/'b'/'.fastdcm.json').read_bytes()
+    assert (tmp_path/'adcm'/'.fastdcm.json').read_bytes() == (tmp_path/'bdcm'/'.fastdcm.json').read_bytes()
+    assert 'PS3.15' in json.loads((tmp_path/'adcm'/'.fastdcm.json').read_text())['profile']
+    # another salt into the same folder is still refused, by comparing outputs, not by a stored check
+    with pytest.raises(ValueError, match='another salt'): convert(tree, tmp_path/'a', 'npy', anonymize=True, salt='a-different-salt-42', progress=False)
+    with pytest.raises(ValueError, match='another salt'): anonymize(tree, tmp_path/'adcm', salt='a-different-salt-42', progress=False)
+
+def test_duplicate_sop_instance_uids_not_lost(tmp_path):
+    "Two different images sharing a SOP Instance UID: one written, the other a failure naming both; identical copies: a duplicate."
+    src = tmp_path/'src'
+    a = _ct(src/'a'/'IM1.dcm', *PATIENTS[0], '1.2.3.4', 1)
+    b = _ct(src/'b'/'IM1.dcm', *PATIENTS[0], '1.2.3.4', 1)
+    ds = pydicom.dcmread(b); ds.PixelData = bytes(len(ds.PixelData)); ds.save_as(b)      # same UIDs, other pixels
+    shutil.copy(a, src/'c.dcm')                                                     # an identical copy
+    res = anonymize(src, tmp_path/'anon', salt=SALT, progress=False)
+    assert res['done'] == 1 and len(res['failed']) == 1 and len(res['duplicates']) == 1
+    assert 'same SOP Instance UID' in res['failed'][0][1] and 'identical copy' in res['duplicates'][0][1]
+    assert len(list((tmp_path/'anon').rglob('*.dcm'))) == 1
+    assert pd.read_csv(tmp_path/'anon'/'failures.csv').src.tolist() == [res['failed'][0][0]]
+    # the first file in path order cannot be read: the next one with that UID is written instead
+    (src/'a'/'IM1.dcm').write_bytes(Path(a).read_bytes()[:-3000])
+    res = anonymize(src, tmp_path/'anon2', salt=SALT, progress=False)
+    assert res['done'] == 1 and sorted(why.split()[0] for _, why in res['failed']) == ['TruncatedDicomError:', 'same']
+    assert dcmread(next((tmp_path/'anon2').rglob('*.dcm'))).pixel_array.max() == 0      # b/IM1.dcm, the next in path order
+
+def test_already_done_knows_the_source(tmp_path):
+    "An output counts as done only if it was made from these bytes: another source with the same names is written again."
+    s1, s2 = tmp_path/'s1', tmp_path/'s2'
+    _ct(s1/'IM1.dcm', *PATIENTS[0], '1.2.3.4', 1); _ct(s2/'IM1.dcm', *PATIENTS[0], '1.2.3.4', 2)
+    assert convert(s1, tmp_path/'out', 'npy', salt=SALT, progress=False)['done'] == 1
+    res = convert(s2, tmp_path/'out', 'npy', salt=SALT, progress=False)
+    assert (res['done'], res['skipped']) == (1, 0)
+    np.testing.assert_array_equal(read_converted(tmp_path/'out'/'IM1.npy'), dicom_pixels(s2/'IM1.dcm'))
+    assert convert(s2, tmp_path/'out', 'npy', salt=SALT, progress=False)['skipped'] == 1
+    # anonymised outputs of another source tree: none of them is this run's, refused
+    anonymize(s1, tmp_path/'anon', salt=SALT, progress=False)
+    with pytest.raises(ValueError, match='another source'): anonymize(s2, tmp_path/'anon', salt=SALT, progress=False)
+
+def test_second_run_into_a_busy_destination_refused(tree, tmp_path):
+    "While a run holds the destination, another is refused at once with a clear message and touches nothing there."
+    dst = tmp_path/'out'; dst.mkdir()
+    tmp_of_first = dst/'.IM0001.png.999.fastdcm-tmp'; tmp_of_first.write_bytes(b'being written')
+    fd = ex._lock(dst)                                          # as a running convert holds it
+    try:
+        for run in (lambda: convert(tree, dst, salt=SALT, progress=False), lambda: anonymize(tree, dst, salt=SALT, progress=False)):
+            with pytest.raises(ex.DestinationInUseError, match='another fastdcm'): run()
+        assert tmp_of_first.exists() and not (dst/'metadata.csv').exists()
+    finally: ex._unlock(fd)
+    assert convert(tree, dst, salt=SALT, progress=False)['done'] == 6 and not tmp_of_first.exists()
+
+_KILL_SCRIPT = '''
+import os, sys, time, fastdcm.export as ex
+def slow(*a, **k):                          # workers (forked) block inside a job, as on a slow disk; each says who it is
+    open(os.path.join(sys.argv[3], str(os.getpid())), 'w').close(); time.sleep(60)
+ex.dicom_pixels = slow
+ex.convert(sys.argv[1], sys.argv[2], 'npy', salt='test-salt-0123456789', workers=2, progress=False)
+'''
+
+def _children(pid):
+    try: return {int(c) for t in Path(f'/proc/{pid}/task').iterdir() for c in (t/'children').read_text().split()}
+    except OSError: return set()
+
+def _alive(pid):
+    try: return Path(f'/proc/{pid}/stat').read_text().split(')')[-1].split()[0] != 'Z'
+    except OSError: return False
+
+@pytest.mark.skipif(not Path('/proc/self/task').exists() or sys.platform != 'linux', reason='reads /proc (Linux)')
+def test_killed_run_leaves_no_workers(tree, tmp_path):
+    "kill -9 of the main process: its worker processes exit too (bounded waits, everything cleaned up)."
+    marks = tmp_path/'busy'; marks.mkdir()
+    p = subprocess.Popen([sys.executable, '-c', _KILL_SCRIPT, str(tree), str(tmp_path/'out'), str(marks)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = set()
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60 and len(workers) < 2 and p.poll() is None:
+            workers = {int(f.name) for f in marks.iterdir()}; time.sleep(0.05)
+        assert len(workers) >= 2, 'the run never had two workers busy'
+        assert workers <= _children(p.pid)
+        p.send_signal(signal.SIGKILL); p.wait(10)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10 and any(_alive(w) for w in workers): time.sleep(0.05)
+        assert not [w for w in workers if _alive(w)], 'worker processes outlived the killed run'
+    finally:
+        if p.poll() is None: p.kill(); p.wait(10)
+        for w in workers:
+            if _alive(w):
+                try: os.kill(w, signal.SIGKILL)
+                except ProcessLookupError: pass
+
+def test_burned_in_text_flagged_and_skipped(tmp_path):
+    "Burned In Annotation YES, and US/OT/SC/XC without the attribute, are flagged; skipped on request; an explicit NO is not."
+    src = tmp_path/'src'
+    for i, (mod, burned) in enumerate([('CT', None), ('CT', 'YES'), ('US', None), ('OT', None), ('US', 'NO')]):
+        fn = _ct(src/f'f{i}.dcm', *PATIENTS[i % 3], f'1.2.3.{i}', i)
+        ds = pydicom.dcmread(fn); ds.Modality = mod
+        if burned: ds.BurnedInAnnotation = burned
+        ds.save_as(fn)
+    res = anonymize(src, tmp_path/'anon', salt=SALT, progress=False)
+    assert res['done'] == 5 and len(res['burned_in']) == 3
+    res = anonymize(src, tmp_path/'anon2', salt=SALT, progress=False, skip_burned_in=True)
+    assert res['done'] == 2 and len(res['failed']) == 3 and all('skipped' in why for _, why in res['failed'])
+    assert any('US image without Burned In Annotation' in why for _, why in res['failed'])
+    res = convert(src, tmp_path/'png', salt=SALT, progress=False, anonymize=True, skip_burned_in=True)
+    assert res['done'] == 2 and len(res['failed']) == 3
+
+def test_bad_number_of_frames_is_a_typed_failure(tmp_path):
+    "Number of Frames '1A': one line naming the file and the value, as a DicomError, not a bare int() message."
+    fn = _ct(tmp_path/'src'/'bad.dcm', *PATIENTS[0], '1.2.3.4', 1)
+    ds = pydicom.dcmread(fn)
+    ds[0x00280008] = pydicom.dataelem.RawDataElement(pydicom.tag.Tag(0x00280008), 'IS', 2, b'1A', 0, False, True)
+    ds.save_as(fn)
+    with pytest.raises(DicomError, match=r"bad\.dcm: Number of Frames \(0028,0008\) is '1A'"):
+        output_names(fn, tmp_path/'src')
+    res = convert(tmp_path/'src', tmp_path/'out', salt=SALT, progress=False)
+    assert len(res['failed']) == 1 and "DicomError: Number of Frames (0028,0008) is '1A'" in res['failed'][0][1]
+
+def test_patient_key_normalised():
+    "NFC/NFD, float IDs, placeholders and issuers: one patient one key, two patients two keys."
+    def ds(**kw):
+        d = Dataset()
+        for k, v in kw.items(): setattr(d, k, v)
+        return d
+    nfc, nfd = unicodedata.normalize('NFC', 'Müller-77'), unicodedata.normalize('NFD', 'Müller-77')
+    assert nfc != nfd and patient_key(ds(PatientID=nfc), SALT) == patient_key(ds(PatientID=nfd), SALT)
+    anon = [patient_key(ds(PatientID=p, PatientName=n, PatientBirthDate=b), SALT)
+            for p, n, b in [('ANONYMOUS', 'A^B', '19500101'), ('unknown', 'C^D', '19600101'), ('N/A', 'E^F', '19700101')]]
+    assert len(set(anon)) == 3
+    assert patient_key(ds(PatientID='777', IssuerOfPatientID='HOSP A'), SALT) != patient_key(ds(PatientID='777', IssuerOfPatientID='HOSP B'), SALT)
+    from fastdcm.export import patient_identity
+    assert patient_identity(4242.0) == patient_identity('4242') == ('4242', 'id')
+    assert patient_identity('-', name='Smith^John', birth='19510203') == ('name:smith^john|19510203', 'name')
+    assert patient_identity('0', name='Smith^John', birth='', study='1.2.3') == ('StudyInstanceUID:1.2.3', 'study')
