@@ -125,3 +125,54 @@ def test_crop_around_mask_keeps_foreground_and_origin(cases):
         xc, mc = crop((x, m), split_idx=0)
         assert mc.sum() > 0 and xc.shape == (1, 12, 12, 12)
         np.testing.assert_allclose(xc.origin, grid.lps(crop.starts))
+
+# ---- learners (MONAI networks: the `3d` extra)
+
+@pytest.fixture(scope='module')
+def seg_dls(cases):
+    df = pd.DataFrame([dict(fnames=[str(f) for f in c.files], PatientID=c.patient_id, label=c.label, mask=str(c.seg or c.rtstruct))
+                       for c in cases])
+    db = DataBlock(blocks=(VolumeBlock(), VolumeMaskBlock(codes=['background', 'nodule'])), get_x=lambda r: r,
+                   splitter=PatientSplitter(valid_pct=0.25, seed=0), item_tfms=CropPadVolume(16, method='mask'),
+                   batch_tfms=[*aug_volume_transforms(), VolumeWindow('soft_tissue')])
+    return db.dataloaders(df, bs=2)
+
+def test_unet_fits_and_predicts_mask_on_series_grid(seg_dls, cases):
+    "One epoch of a 3-D U-Net, then predict on a whole series folder (bigger than the patch: sliding windows, flip TTA)."
+    pytest.importorskip('monai')
+    from fastdcm.volume_learner import volume_unet_learner, DiceCELoss3D
+    learn = volume_unet_learner(seg_dls, channels=(8, 16))
+    assert isinstance(learn.loss_func, DiceCELoss3D)
+    learn.fit(1, 1e-2)
+    assert np.isfinite(learn.recorder.values[-1]).all()
+    c = cases[0]
+    mask, _, prob = learn.predict(c.folder, tta=True)
+    grid = load_series(c.folder, decode=False)
+    assert isinstance(mask, TensorMask3D) and tuple(mask.shape) == grid.shape and prob.shape == (2, *grid.shape)
+    np.testing.assert_allclose(mask.origin, grid.origin); assert mask.codes == ['background', 'nodule']
+    torch.testing.assert_close(prob.sum(0), torch.ones(grid.shape), atol=1e-4, rtol=0)
+
+def test_predict_resamples_back_to_series_grid(cases):
+    "Trained at 2 mm, predicted on a 1 mm series: the mask comes back on the series' 1 mm grid."
+    pytest.importorskip('monai')
+    from fastdcm.volume_learner import volume_unet_learner
+    df = pd.DataFrame([dict(fnames=[str(f) for f in c.files], PatientID=c.patient_id, mask=str(c.rtstruct)) for c in cases])
+    db = DataBlock(blocks=(VolumeBlock(), VolumeMaskBlock(codes=['background', 'nodule'])), get_x=lambda r: r,
+                   splitter=PatientSplitter(valid_pct=0.25, seed=0), item_tfms=[ResampleVolume((2., 2., 2.)), CropPadVolume(8)],
+                   batch_tfms=VolumeWindow('soft_tissue'))
+    learn = volume_unet_learner(db.dataloaders(df, bs=2), channels=(4, 8))
+    mask, _, prob = learn.predict(cases[1].folder)
+    assert tuple(mask.shape) == (32, 32, 32) and mask.spacing == (1., 1., 1.)
+
+def test_classifier_fits_and_predicts_label(cases):
+    pytest.importorskip('monai')
+    from fastai.metrics import accuracy
+    from fastdcm.volume_learner import volume_learner
+    df = pd.DataFrame([dict(fnames=[str(f) for f in c.files], PatientID=c.patient_id, label=c.label) for c in cases])
+    db = DataBlock(blocks=(VolumeBlock(), CategoryBlock), get_x=lambda r: r, get_y=ColReader('label'),
+                   splitter=PatientSplitter(valid_pct=0.25, seed=0), item_tfms=CropPadVolume(16),
+                   batch_tfms=[*aug_volume_transforms(), VolumeWindow('soft_tissue')])
+    learn = volume_learner(db.dataloaders(df, bs=2), 'resnet10', metrics=accuracy)
+    learn.fit(1, 1e-3)
+    label, idx, probs = learn.predict(cases[3].folder, tta=True)
+    assert label in ('nodule', 'none') and probs.shape == (2,) and abs(float(probs.sum()) - 1) < 1e-4
