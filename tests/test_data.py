@@ -116,3 +116,84 @@ def test_kfold_stratify_balances_labels():
             trn, val = PatientKFoldSplitter(4, fold, seed, stratify='label')(df)
             assert df.iloc[list(val)].query("label == 'pos'").PatientID.nunique() == 1
             assert not set(df.PatientID.iloc[list(trn)]) & set(df.PatientID.iloc[list(val)])
+
+# ---- issue 8 item 10, issue 14 item 4: one key function for both splitters, the leak check and the export ----
+import unicodedata
+from pydicom.dataset import Dataset
+
+SPLITTERS = {'PatientSplitter': lambda seed: PatientSplitter(0.5, seed=seed),
+             'PatientKFoldSplitter': lambda seed: PatientKFoldSplitter(2, 0, seed=seed)}
+
+def _never_split(df, make, truth):
+    "Over seeds, rows with the same `truth` never land on both sides."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for seed in range(12):
+            trn, val = make(seed)(df)
+            assert not set(truth[list(trn)]) & set(truth[list(val)]), f'seed {seed}: a patient on both sides'
+
+@pytest.mark.parametrize('name', SPLITTERS)
+def test_unicode_and_float_ids_one_patient(name):
+    "NFC/NFD spellings and float/str IDs of one patient are one group for both splitters."
+    nfc, nfd = unicodedata.normalize('NFC', 'Müller'), unicodedata.normalize('NFD', 'Müller')
+    assert nfc != nfd
+    ids = [nfc, nfd, 4242.0, '4242', 17.0, '17'] + [f'Q{i}' for i in range(6)]
+    truth = pd.Series(['M', 'M', 'A', 'A', 'B', 'B'] + [f'Q{i}' for i in range(6)])
+    df = pd.DataFrame({'PatientID': pd.Series(ids, dtype=object), 'fname': [f'{i}.dcm' for i in range(12)]})
+    _never_split(df, SPLITTERS[name], truth)
+
+@pytest.mark.parametrize('name', SPLITTERS)
+def test_placeholder_ids_are_missing(name):
+    "ANONYMOUS/UNKNOWN/N/A/-/0 are no IDs: anonymised patients are told apart by name + birth date, else study, else folder."
+    ph = ['ANONYMOUS', 'anonymous', 'UNKNOWN', 'None', 'N/A', '-', '0', 'n/a']
+    df = pd.DataFrame({'PatientID': ph * 2, 'fname': [f'{p}/{i}.dcm' for i in range(2) for p in range(8)],
+                       'PatientName': [f'Pat^{p}' for p in range(8)] * 2, 'PatientBirthDate': ['19700101'] * 16,
+                       'StudyInstanceUID': [f'1.2.{i}.{p}' for i in range(2) for p in range(8)]})
+    with pytest.warns(UserWarning, match=r'16 of 16 items.*PatientName\+PatientBirthDate \(16\), StudyInstanceUID \(0\)'):
+        keys = patient_groups(df)
+    assert len(set(keys)) == 8                                       # one group per (name, birth date), not one for all
+    _never_split(df, SPLITTERS[name], pd.Series([p for _ in range(2) for p in range(8)]))
+
+def test_issuer_is_part_of_the_key():
+    df = pd.DataFrame({'PatientID': ['777', '777', '777'], 'IssuerOfPatientID': ['HOSP A', 'HOSP B', None], 'fname': ['a', 'b', 'c']})
+    keys = patient_groups(df)
+    assert len(set(keys)) == 3 and keys[2] == '777'
+    ds = Dataset(); ds.PatientID, ds.IssuerOfPatientID = '777', 'HOSP A'
+    assert patient_groups([ds])[0] == keys[0]
+
+def test_name_birth_fallback_before_study():
+    "Without an ID: (PatientName, PatientBirthDate) when both are real, then StudyInstanceUID; each counted in the warning."
+    df = pd.DataFrame({'PatientID': ['', '', '', None], 'PatientName': ['Doe^Jane', 'DOE^JANE', 'Doe^Jane', 'Roe^R'],
+                       'PatientBirthDate': ['19660712', '19660712', '', '00000000'],
+                       'StudyInstanceUID': ['1.1', '1.2', '1.3', '1.4'], 'fname': ['a/1', 'b/2', 'c/3', 'd/4']})
+    with pytest.warns(UserWarning, match=r'PatientName\+PatientBirthDate \(2\), StudyInstanceUID \(2\)'):
+        keys = patient_groups(df)
+    assert keys[0] == keys[1] and list(keys[2:]) == ['StudyInstanceUID:1.3', 'StudyInstanceUID:1.4']
+
+def test_export_key_agrees_with_splitter_key():
+    "The pseudonymous key of fastdcm.export groups exactly as patient_groups does."
+    from fastdcm.export import patient_key
+    salt = 'test-salt-0123456789'
+    rows = [dict(PatientID=unicodedata.normalize('NFD', 'Müller')), dict(PatientID=unicodedata.normalize('NFC', 'Müller')),
+            dict(PatientID='ANONYMOUS', PatientName='A^B', PatientBirthDate='19500101'),
+            dict(PatientID='unknown', PatientName='C^D', PatientBirthDate='19600101'),
+            dict(PatientID='777', IssuerOfPatientID='X'), dict(PatientID='777', IssuerOfPatientID='Y')]
+    dss = []
+    for r in rows:
+        d = Dataset()
+        for k, v in r.items(): setattr(d, k, v)
+        dss.append(d)
+    groups = patient_groups(dss, warn=False)
+    exported = [patient_key(d, salt) for d in dss]
+    same = lambda ks: [[a == b for b in ks] for a in ks]
+    assert same(list(groups)) == same(exported)
+
+def test_check_leakage_lists_probable_pairs():
+    "IDs equal after case-folding, leading zeros or a trailing '.0' (a CSV round trip) are listed as probable leaks."
+    train = pd.DataFrame({'PatientID': ['04242', 'ab12', 'P7', 'Z1'], 'fname': list('abcd')})
+    valid = pd.DataFrame({'PatientID': ['4242.0', 'AB12', 'P8', 'Z1'], 'fname': list('efgh')})
+    with pytest.warns(UserWarning, match='1 of 4 validation patients.*2 more pairs'):
+        rep = check_leakage(train, valid)
+    assert rep[['patient', 'valid_patient', 'match']].values.tolist() == [
+        ['Z1', 'Z1', 'exact'], ['04242', '4242.0', 'probable'], ['ab12', 'AB12', 'probable']]
+    assert check_leakage(train.iloc[2:3], valid.iloc[2:3], warn=False).empty
