@@ -72,7 +72,7 @@ def pseudonym(value, salt:str|bytes|None=None, n:int=16, kind:str='') -> str:
     key = salt if isinstance(salt, bytes) else resolve_salt(salt)
     return hmac.new(key, f'{kind}:{value}'.encode(), hashlib.sha256).hexdigest()[:n]
 
-# %% ../nbs/08_export.ipynb #c8b4fe07
+# %% ../nbs/08_export.ipynb #37ee90cc
 _PLACEHOLDER = re.compile(r'(?:0+|-+|\?+|\*+|\.+|n/?a|none|null|nil|unknown|unk|anon|anonymous|anonymi[sz]ed|removed|'
                           r'not available|not known|no id|patient)', re.I)
 
@@ -260,7 +260,7 @@ _DUMMY = {**{vr: 'ANONYMIZED' for vr in _TEXT_VRS}, 'DA': '19000101', 'TM': '000
           **{vr: 0 for vr in ('US','SS','UL','SL','FL','FD','UV','SV','AT')},
           **{vr: bytes(8) for vr in ('OB','OW','OF','OD','OL','OV','UN')}}
 
-# %% ../nbs/08_export.ipynb #bec7a5be
+# %% ../nbs/08_export.ipynb #040a439e
 def _profile_rules(descriptors='clean'):
     "Basic Profile action per tag (int) and per repeating group ((group, element, group mask, element mask), action)."
     if descriptors not in DESCRIPTOR_OPTIONS: raise ValueError(f'descriptors must be one of {DESCRIPTOR_OPTIONS}, not {descriptors!r}')
@@ -432,7 +432,7 @@ def _summary(res, verb, dst, progress):
         for src in res.get('burned_in', []): print(f'  BURNED-IN TEXT LIKELY (pixels are not cleaned, check them for PHI): {src}')
     return res
 
-# %% ../nbs/08_export.ipynb #9ab8e85d
+# %% ../nbs/08_export.ipynb #5e65a8de
 _SOURCES = '.fastdcm-sources.jsonl'
 
 def _fingerprint(fn, key:bytes) -> str:
