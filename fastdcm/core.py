@@ -72,6 +72,11 @@ def _plausible_start(head:bytes) -> bool:
     group, length = struct.unpack('<H2xI', head[:8])       # implicit VR little endian: a 4-byte length
     return group == 0x0008 and length < 0x10000 and length != 0xFFFFFFFF
 
+def _tell(src):
+    "Position of an open binary file, or None when it can't tell (a pipe, a socket)."
+    try: return src.tell()
+    except (OSError, AttributeError, ValueError): return None
+
 def _head(src, n=8):
     "The first `n` bytes of `src` (path or seekable binary file), leaving a file where it was; b'' when unreadable."
     try:
@@ -108,6 +113,16 @@ def _record_transfer_syntax(ds):
     if implicit is None: return
     meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
+def _pydicom_read(src, force, stop_before_pixels, kwargs):
+    "pydicom's `dcmread`, warnings silenced; a path is read through a memory map (see `_MappedFile`)."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        if isinstance(src, (str, os.PathLike)):
+            with _open_mapped(src) as fp: ds = pydicom.dcmread(fp, force=force, stop_before_pixels=stop_before_pixels, **kwargs)
+        else: ds = pydicom.dcmread(src, force=force, stop_before_pixels=stop_before_pixels, **kwargs)
+    _as_read_from_path(ds)
+    return ds
+
 def dcmread(fn, force:bool=False, stop_before_pixels:bool=False, **kwargs) -> Dataset:
     "Read `fn` (path, binary file, bytes or `Dataset`) with pydicom, raising a `DicomError` subclass on bad input."
     if isinstance(fn, Dataset): return fn
@@ -116,14 +131,16 @@ def dcmread(fn, force:bool=False, stop_before_pixels:bool=False, **kwargs) -> Da
     if isinstance(src, (str, os.PathLike)) and not os.path.isfile(src):
         if os.path.isdir(src): raise NotDicomError(name, 'is a folder, not a file (use get_dicom_files or index_dicoms)')
         raise FileNotFoundError(f"{name}: no such file")
-    if not force and _plausible_start(_head(src)): force = True   # no preamble, but a dataset starts here
+    path = isinstance(src, (str, os.PathLike))
+    start = None if path else _tell(src)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            if isinstance(src, (str, os.PathLike)):
-                with _open_mapped(src) as fp: ds = pydicom.dcmread(fp, force=force, stop_before_pixels=stop_before_pixels, **kwargs)
-            else: ds = pydicom.dcmread(src, force=force, stop_before_pixels=stop_before_pixels, **kwargs)
-            _as_read_from_path(ds)
+        try: ds = _pydicom_read(src, force, stop_before_pixels, kwargs)
+        except InvalidDicomError:
+            # no preamble or DICM: still a dataset when a plausible element starts the file (PS3.5 7.1)
+            if force or (not path and start is None) or not _plausible_start(_head(src)): raise
+            if start is not None: src.seek(start)
+            force = True
+            ds = _pydicom_read(src, force, stop_before_pixels, kwargs)
     except InvalidDicomError as e: raise NotDicomError(name, f'not a DICOM file ({e}); pass force=True to try anyway') from e
     except (EOFError, OSError) as e:
         if isinstance(e, FileNotFoundError): raise
@@ -248,7 +265,9 @@ def _index_one(fn, force=False, frames=False):
     try:
         ds = dcmread(fn, force=force, stop_before_pixels=True)
         notes = []
-        row = {'fname': str(fn), **header_dict(ds, split=False, notes=notes)}
+        with warnings.catch_warnings():   # pydicom warns on each odd value it converts: thousands of lines from a scan
+            warnings.simplefilter('ignore')
+            row = {'fname': str(fn), **header_dict(ds, split=False, notes=notes)}
         n = _frame_count(ds, fn, notes) if frames else 1
         row['error'] = ('HeaderValueError: ' + '; '.join(notes)) if notes else None
     except Exception as e:  # a bad file becomes a row, never stops the scan
