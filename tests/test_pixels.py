@@ -371,3 +371,14 @@ def test_lying_element_lengths_allocate_nothing(tmp_path):
         err, peak = _peak_alloc(call)
         assert isinstance(err, TruncatedDicomError) and 'oblen.dcm' in str(err), err
         assert peak < 20 * len(b), peak
+
+def test_pydicom_data_palette_without_meta(tmp_path):
+    "OT-PAL-8-face.dcm (pydicom-data, a dev dependency): no preamble, no file meta, a palette -- found without extension, decoded as implicit VR little endian."
+    f = get_testdata_file('OT-PAL-8-face.dcm', download=False)
+    if f is None: pytest.skip('pydicom-data is not installed (pip install pydicom-data)')
+    g = tmp_path/'FACE'; g.write_bytes(Path(f).read_bytes())
+    assert get_dicom_files(tmp_path) == [g]
+    ds = pydicom.dcmread(f, force=True); ds.file_meta.TransferSyntaxUID = '1.2.840.10008.1.2'
+    np.testing.assert_array_equal(dicom_pixels(g, 'stored'), ds.pixel_array)
+    bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    np.testing.assert_allclose(dicom_pixels(g, 'display'), pydicom.pixels.apply_color_lut(ds.pixel_array, ds) / (2**bits - 1), atol=1e-6)
