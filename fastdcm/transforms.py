@@ -1,6 +1,6 @@
 """fastai types for DICOM: `TensorDicom`, `open_dicom`, `DicomBlock` and the `DicomResize` item transform.
 
-Public API: `SEGMENTATION_SOP_CLASS`, `plane_percentiles`, `presentation_inverts`, `presentation_flags`, `TensorDicom`, `open_dicom`, `OpenDicom`, `DicomBlock`, `DicomResize`, `DicomMaskError`, `open_dicom_mask`, `OpenDicomMask`, `DicomMaskBlock`
+Public API: `ITEM_META`, `SEGMENTATION_SOP_CLASS`, `plane_percentiles`, `presentation_inverts`, `item_meta`, `presentation_flags`, `TensorDicom`, `ForeignImageError`, `is_image_file`, `open_image`, `open_dicom`, `OpenDicom`, `DicomBlock`, `DicomResize`, `DicomMaskError`, `open_dicom_mask`, `OpenDicomMask`, `DicomMaskBlock`
 
 Docs: https://fastdcm.github.io/fastdcm/transforms.html.md"""
 
@@ -8,9 +8,10 @@ Docs: https://fastdcm.github.io/fastdcm/transforms.html.md"""
 
 # %% ../nbs/03_transforms.ipynb #ab3f7a4a
 from __future__ import annotations
-import os, math, random, warnings
+import os, io, json, math, random, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
+import PIL.Image
 import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -27,9 +28,9 @@ from .core import DicomError, dcmread, source_name
 from .pixels import dicom_pixels, _get
 
 # %% auto #0
-__all__ = ['SEGMENTATION_SOP_CLASS', 'plane_percentiles', 'presentation_inverts', 'presentation_flags', 'TensorDicom',
-           'open_dicom', 'OpenDicom', 'DicomBlock', 'DicomResize', 'DicomMaskError', 'open_dicom_mask', 'OpenDicomMask',
-           'DicomMaskBlock']
+__all__ = ['ITEM_META', 'SEGMENTATION_SOP_CLASS', 'plane_percentiles', 'presentation_inverts', 'item_meta', 'presentation_flags',
+           'TensorDicom', 'ForeignImageError', 'is_image_file', 'open_image', 'open_dicom', 'OpenDicom', 'DicomBlock',
+           'DicomResize', 'DicomMaskError', 'open_dicom_mask', 'OpenDicomMask', 'DicomMaskBlock']
 
 # %% ../nbs/03_transforms.ipynb #9476eba2
 def _planes(x:torch.Tensor):
@@ -94,57 +95,72 @@ def presentation_inverts(ds:Dataset) -> bool:
     shape = str(_get(ds, 'PresentationLUTShape', '') or '').strip().upper()
     return str(_get(ds, 'PhotometricInterpretation', '')).strip() == 'MONOCHROME1' or shape == 'INVERSE'
 
+# metadata that belongs to each item: a value on an item, a tuple (one value per item) on a batch
+ITEM_META = {'inverted': False,     # apply the presentation inversion after the VOI step (MONOCHROME1)
+             'source': 'dicom',     # where the values come from: 'dicom', 'png16' or 'foreign' (`open_image`)
+             'stage': 'modality'}   # what they are: 'stored', 'modality' or 'display' values
 _ITEMWISE = {torch.stack, torch.cat, torch.unbind, torch.Tensor.unbind, torch.Tensor.__getitem__}
 
-def _flags_of(t, n):
-    "The per-item presentation flags (a tuple of `n` bools) of batch `t`, or None."
-    inv = getattr(t, 'inverted', None)
-    return inv if isinstance(inv, tuple) and len(inv)==n else None
+def _per_item(t, key, n):
+    "The per-item values (a tuple of `n`) of `key` on batch `t`, or None."
+    v = getattr(t, key, None)
+    return v if isinstance(v, tuple) and len(v)==n else None
 
-def _index_flags(flags, idx):
-    "`flags` (one per item along dim 0) as selected by the index `idx` of `Tensor.__getitem__`; None when it doesn't select along dim 0."
+def _index_items(vals, idx):
+    "`vals` (one per item along dim 0) as selected by the index `idx` of `Tensor.__getitem__`; None when it doesn't select along dim 0."
     if isinstance(idx, tuple):
         if not idx or idx[0] is Ellipsis: return None
         idx = idx[0]
-    if isinstance(idx, (int, slice)): return flags[idx]
+    if isinstance(idx, (int, slice)): return vals[idx]
     if isinstance(idx, torch.Tensor) and idx.ndim==1:
         if idx.dtype==torch.bool: idx = idx.nonzero()[:,0]
-        return tuple(flags[i] for i in idx.tolist())
-    if isinstance(idx, list) and all(isinstance(i, int) for i in idx): return tuple(flags[i] for i in idx)
+        return tuple(vals[i] for i in idx.tolist())
+    if isinstance(idx, list) and all(isinstance(i, int) for i in idx): return tuple(vals[i] for i in idx)
     return None
 
-def _presentation_follows(func, res, args, kwargs):
-    "Give what stacking, concatenating, unbinding or indexing along dim 0 returns its own items' presentation flags."
-    if func is torch.Tensor.__getitem__:   # a selection of items (or parts of one)
-        fl = _flags_of(args[0], args[0].shape[0] if args[0].ndim else -1)
-        if fl is not None: res.inverted = _index_flags(fl, args[1])
+def _item_meta_follows(func, res, args, kwargs):
+    "Give what stacking, concatenating, unbinding or indexing along dim 0 returns its own items' `ITEM_META`."
+    n0 = args[0].shape[0] if isinstance(args[0], torch.Tensor) and args[0].ndim else -1
+    if func is torch.Tensor.__getitem__:       # a selection of items (or parts of one item)
+        for key in ITEM_META:
+            vals = _per_item(args[0], key, n0)
+            if vals is not None: setattr(res, key, _index_items(vals, args[1]))
         return
     kwargs = kwargs or {}
     dim = args[1] if len(args)>1 and isinstance(args[1], int) else kwargs.get('dim', 0)
     if dim != 0: return
-    if func is torch.stack:           # items -> batch: one flag per item
-        ts = args[0]
-        if not any(hasattr(t, 'inverted') for t in ts): return
-        res.inverted = None if any(isinstance(getattr(t, 'inverted', None), tuple) for t in ts) else \
-                       tuple(getattr(t, 'inverted', None) is True for t in ts)
-    elif func is torch.cat:           # batches -> batch
-        ts = args[0]
-        if not any(isinstance(getattr(t, 'inverted', None), tuple) for t in ts): return
-        fl = [_flags_of(t, t.shape[0]) for t in ts]
-        res.inverted = None if any(f is None for f in fl) else sum(fl, ())
-    else:                             # batch -> items (unbind, iteration)
-        fl = _flags_of(args[0], args[0].shape[0] if args[0].ndim else -1)
-        if fl is None: return
-        for r,f in zip(res, fl): r.inverted = f
+    for key, default in ITEM_META.items():
+        if func is torch.stack:               # items -> batch: one value per item
+            ts = args[0]
+            if not any(hasattr(t, key) for t in ts): continue
+            vs = [getattr(t, key, default) for t in ts]
+            setattr(res, key, None if any(isinstance(v, tuple) for v in vs) else tuple(default if v is None else v for v in vs))
+        elif func is torch.cat:               # batches -> batch
+            ts = args[0]
+            if not any(isinstance(getattr(t, key, None), tuple) for t in ts): continue
+            vs = [_per_item(t, key, t.shape[0]) for t in ts]
+            setattr(res, key, None if any(v is None for v in vs) else sum(vs, ()))
+        else:                                 # batch -> items (unbind, iteration)
+            vals = _per_item(args[0], key, n0)
+            if vals is None: continue
+            for r,v in zip(res, vals): setattr(r, key, v)
+
+def item_meta(x:torch.Tensor, key:str, n:int) -> tuple:
+    "The `n` per-item values of `ITEM_META` `key` of batch `x` (or of the single item `x`, n=1), defaults where absent."
+    v = getattr(x, key, None)
+    if v is None: return (ITEM_META[key],)*n
+    vals = v if isinstance(v, tuple) else (v,)*n
+    if len(vals) != n:
+        raise ValueError(f'{len(vals)} values of {key!r} for a batch of {n} items: the batch was assembled outside fastdcm')
+    return tuple(ITEM_META[key] if o is None else o for o in vals)
 
 def presentation_flags(x:torch.Tensor, n:int|None=None) -> torch.Tensor|None:
     "Bool tensor (n,) on `x`'s device of the items of batch `x` (or of the single item `x`, n=1) to invert after the VOI step; None when none is."
     inv = getattr(x, 'inverted', None)
     if inv is None or inv is False: return None
-    flags = (inv,) if isinstance(inv, bool) else tuple(inv)
-    if n is not None and len(flags) != n:
-        raise ValueError(f'{len(flags)} presentation flags for a batch of {n} items: the batch was assembled outside fastdcm')
-    return torch.tensor(flags, device=x.device) if any(flags) else None
+    n = len(inv) if n is None and isinstance(inv, tuple) else n or 1
+    flags = item_meta(x, 'inverted', n)
+    return torch.tensor([f is True for f in flags], device=x.device) if any(f is True for f in flags) else None
 
 # %% ../nbs/03_transforms.ipynb #ea6bcd22
 class TensorDicom(TensorImage):
@@ -159,7 +175,7 @@ class TensorDicom(TensorImage):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         res = super().__torch_function__(func, types, args, kwargs)
-        if func in _ITEMWISE: _presentation_follows(func, res, args, kwargs)
+        if func in _ITEMWISE: _item_meta_follows(func, res, args, kwargs)
         return res
 
     def __iter__(self):
@@ -187,6 +203,74 @@ class TensorDicom(TensorImage):
         cmap = 'gray_r' if getattr(self, 'inverted', None) is True else 'gray'   # the presentation step, PS3.3 C.11.6
         kwargs = {**self._show_args, 'cmap':cmap, 'vmin':vmin, 'vmax':vmax, **kwargs}
         return show_image(x.numpy(), ctx=ctx, **kwargs)
+
+# %% ../nbs/03_transforms.ipynb #imgcd001
+class ForeignImageError(DicomError):
+    "A PNG/JPEG/TIFF that can't be used as a grey radiograph (colour, unreadable, or an unsupported sample type)."
+
+_IMAGE_MAGIC = (b'\x89PNG\r\n\x1a\n', b'\xff\xd8\xff', b'II*\x00', b'MM\x00*')
+
+def _leading_bytes(src, n=8):
+    if isinstance(src, (bytes, bytearray)): return bytes(src[:n])
+    if isinstance(src, (str, os.PathLike)) and os.path.isfile(src):
+        with open(src, 'rb') as f: return f.read(n)
+    return b''
+
+def is_image_file(src) -> bool:
+    "Whether `src` (path or bytes) is a PNG, JPEG or TIFF, by its leading bytes (a DICOM file's preamble may hold a TIFF header: DICM wins)."
+    head = _leading_bytes(src, 132)
+    return head[128:132] != b'DICM' and any(head.startswith(m) for m in _IMAGE_MAGIC)
+
+def _converted_stage(src):
+    "The stage recorded by `fastdcm.export` in a png16/tiff16 file, or None for anyone else's image."
+    try:
+        if _leading_bytes(src).startswith(_IMAGE_MAGIC[0]):
+            with PIL.Image.open(src) as img: meta = img.text.get('fastdcm')
+        elif _leading_bytes(src)[:4] in _IMAGE_MAGIC[2:]:
+            import tifffile
+            with tifffile.TiffFile(src) as t: meta = t.pages[0].description
+        else: return None
+        return json.loads(meta).get('stage', 'modality') if meta else None
+    except (ValueError, OSError, KeyError, AttributeError): return None
+
+def _foreign_values(src, name) -> np.ndarray:
+    "A foreign image's samples as float32 H x W display values in [0,1] (by sample depth); RGB accepted when grey."
+    try:
+        if _leading_bytes(src)[:4] in _IMAGE_MAGIC[2:]:
+            import tifffile
+            a = tifffile.imread(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray)) else src)
+        else:
+            with PIL.Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray)) else src) as img:
+                a = np.array(img.convert('RGB') if img.mode in ('P', 'CMYK', 'YCbCr') else img)
+    except Exception as e: raise ForeignImageError(name, f'could not be read as an image: {type(e).__name__}: {e}') from e
+    if a.ndim == 3 and a.shape[-1] in (2, 4): a = a[..., :-1]                   # drop alpha
+    if a.ndim == 3 and a.shape[-1] == 3:
+        spread = float(np.abs(a.astype(np.float32) - a.mean(-1, keepdims=True, dtype=np.float32)).mean())
+        depth = 255. if a.dtype == np.uint8 else 65535. if a.dtype == np.uint16 else 1.
+        if spread > 0.02*depth: raise ForeignImageError(name, 'is a colour image, not a grey radiograph (channels differ)')
+        a = a.mean(-1, dtype=np.float32) if a.dtype.kind == 'f' else np.rint(a.mean(-1)).astype(a.dtype)
+    if a.ndim == 3 and a.shape[-1] == 1: a = a[..., 0]
+    if a.ndim != 2: raise ForeignImageError(name, f'has shape {a.shape}: expected one grey plane')
+    if a.dtype == np.uint8: return a.astype(np.float32) / 255
+    if a.dtype == np.uint16: return a.astype(np.float32) / 65535
+    if a.dtype == np.bool_: return a.astype(np.float32)
+    if a.dtype.kind == 'f':
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1: raise ForeignImageError(name, 'float samples outside [0,1]')
+        return a.astype(np.float32)
+    raise ForeignImageError(name, f'{a.dtype} samples: expected 8- or 16-bit unsigned')
+
+def open_image(src, invert:bool=False) -> TensorDicom:
+    "Open a PNG/JPEG/TIFF `src` (path or bytes) into a float32 1 x H x W `TensorDicom`: fastdcm exports at their exact values, others as [0,1] display values (`invert`: the file is stored inverted)."
+    name = _fname(src)
+    stage = _converted_stage(src) if isinstance(src, (str, os.PathLike)) else None
+    if stage is not None:
+        from fastdcm.export import read_converted      # lazily: the export module is only needed here
+        arr, source = read_converted(src), 'png16'
+        if arr.ndim == 3 and arr.shape[-1] == 3: raise ForeignImageError(name, 'is a colour export, not a grey radiograph')
+    else: arr, source, stage = _foreign_values(src, name), 'foreign', 'display'
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1, *arr.shape[-2:]))
+    if invert and stage == 'display': x = 1 - x        # display values: present them the right way round now
+    return TensorDicom(x, inverted=bool(invert) and stage != 'display', source=source, stage=stage)
 
 # %% ../nbs/03_transforms.ipynb #355dea2b
 def _unpack_row(src, frame):
@@ -222,6 +306,7 @@ def open_dicom(src, stage:str='modality', frame:int|None=None, frames_as_channel
     "Decode `src` (path, str, bytes, `Dataset`, DataFrame row with 'fname') into a float32 C x H x W `TensorDicom` carrying its presentation (`inverted`)."
     if isinstance(src, TensorDicom): return src
     src, frame = _unpack_row(src, frame)
+    if is_image_file(src): return open_image(src)     # PNG/JPEG/TIFF beside DICOM
     hdr = _header(src)
     if cache is not None: arr = cache(src, stage=stage, frame=frame)
     elif hdr is not None and isinstance(src, (str, os.PathLike)): arr = dicom_pixels(src, stage=stage, frame=frame, header=hdr)  # parsed once
@@ -229,10 +314,10 @@ def open_dicom(src, stage:str='modality', frame:int|None=None, frames_as_channel
     arr = np.asarray(arr)
     rgb = _is_colour(arr) and arr.ndim==3
     arr = np.ascontiguousarray(_to_chw(arr, src, frames_as_channels), dtype=np.float32)
-    if rgb: return TensorDicom(torch.from_numpy(arr), rgb=True)
+    if rgb: return TensorDicom(torch.from_numpy(arr), rgb=True, source='dicom', stage=stage)
     if hdr is None: hdr = dcmread(src, stop_before_pixels=True, force=True)   # decoded, yet unreadable without force
     # 'display' is presented already; stored and modality values keep the file's polarity, applied after a VOI step
-    return TensorDicom(torch.from_numpy(arr), inverted=stage != 'display' and presentation_inverts(hdr))
+    return TensorDicom(torch.from_numpy(arr), inverted=stage != 'display' and presentation_inverts(hdr), source='dicom', stage=stage)
 
 # %% ../nbs/03_transforms.ipynb #c29b88a8
 def _register_int_to_float_passthrough():

@@ -122,4 +122,4 @@ def test_dicom_dataloaders_default_path(xray_df):
 
 def test_flags_count_checked():
     x = TensorDicom(torch.zeros(3, 1, 4, 4), inverted=(True, False))
-    with pytest.raises(ValueError, match='2 presentation flags for a batch of 3'): presentation_flags(x, 3)
+    with pytest.raises(ValueError, match="2 values of 'inverted' for a batch of 3"): presentation_flags(x, 3)
