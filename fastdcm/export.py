@@ -76,6 +76,8 @@ def pseudonym(value, salt:str|bytes|None=None, n:int=16, kind:str='') -> str:
 _PLACEHOLDER = re.compile(r'(?:0+|-+|\?+|\*+|\.+|n/?a|none|null|nil|unknown|unk|anon|anonymous|anonymi[sz]ed|removed|'
                           r'not available|not known|no id|patient)', re.I)
 
+_DUMMY_DATES = ('00000000', '00010101', '19000101', '18991230')   # what de-identifiers and spreadsheets put for no date
+
 def clean_id(v) -> str:
     "`v` as key text: Unicode NFC, stripped, integral floats without '.0'; '' when missing or a placeholder (ANONYMOUS, N/A, '-', '0'...)."
     if v is None or isinstance(v, (list, tuple)) and not v: return ''
@@ -99,7 +101,7 @@ def patient_identity(pid=None, issuer=None, name=None, birth=None, study=None, f
         iss = clean_id(issuer)
         return (f'{iss}::{pid}' if iss else pid), 'id'
     name, birth = _clean_name(name), re.sub(r'\D', '', clean_id(birth))
-    if name and len(birth)==8 and birth.strip('0'): return f'name:{name}|{birth}', 'name'
+    if name and len(birth)==8 and birth not in _DUMMY_DATES: return f'name:{name}|{birth}', 'name'
     if study := clean_id(study): return f'StudyInstanceUID:{study}', 'study'
     if folder is not None: return f'folder:{Path(folder)}', 'folder'
     return None, None
@@ -210,7 +212,7 @@ def read_converted(path) -> np.ndarray:
 # %% ../nbs/08_export.ipynb #aaa0573d
 METADATA_COLUMNS = ('Modality', 'BodyPartExamined', 'ViewPosition', 'Laterality', 'ImageLaterality',
     'PhotometricInterpretation', 'Rows', 'Columns', 'NumberOfFrames', 'SamplesPerPixel', 'BitsAllocated',
-    'BitsStored', 'HighBit', 'PixelRepresentation', 'RescaleSlope', 'RescaleIntercept', 'RescaleType',
+    'BitsStored', 'HighBit', 'PixelRepresentation', 'PresentationLUTShape', 'RescaleSlope', 'RescaleIntercept', 'RescaleType',
     'WindowCenter', 'WindowWidth', 'PixelSpacing', 'ImagerPixelSpacing', 'SliceThickness', 'SpacingBetweenSlices',
     'ImagePositionPatient', 'ImageOrientationPatient', 'SliceLocation', 'KVP', 'ImageType', 'Manufacturer',
     'ManufacturerModelName', 'SeriesNumber', 'InstanceNumber', 'AcquisitionNumber', 'PixelPaddingValue')
@@ -473,7 +475,7 @@ def _settle(p, first, clash_reason):
 
 def _run_export(jobs, plan, write, dst:Path, workers, progress, clash_reason):
     "Plan every job, settle collisions and finished outputs, write the rest; returns the plans with their final status."
-    plans = sorted(_run_jobs(plan, jobs, workers, False, 'plan'), key=lambda p: p['rel'])
+    plans = sorted(_run_jobs(plan, jobs, workers, progress, 'plan'), key=lambda p: p['rel'])
     records, owner, todo = _read_sources(dst), {}, []
     is_done = lambda p: all(records.get(o)==p['fp'] and (dst/o).exists() for o in p['outs'])
     for p in plans:
