@@ -435,3 +435,40 @@ def test_hu_density_inverse():
     hu = np.array([-1000, -100, 0, 40, 700, 3000], np.float32)
     np.testing.assert_allclose(density_to_hu(hu_to_density(hu)), hu, atol=1e-3)
     np.testing.assert_allclose(hu_to_density([-1000, 0, 700]), [0, .5, .85], atol=1e-6)
+
+# ---- nodules, DICOM SEG and RT Structure Set (3-D masks)
+
+def test_nodule_series_seg_and_rtstruct(tmp_path):
+    "The nodule is in the HU, the SEG frames are the truth mask on the referenced slices, the RTSTRUCT circles lie on the slice planes."
+    from fastdcm.synth import synth_nodule_series, SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS
+    case = synth_nodule_series(tmp_path/'a', seed=7, patient_id='N7')
+    hdrs = [pydicom.dcmread(f) for f in case.files]
+    hu = np.stack([h.pixel_array*float(h.RescaleSlope) + float(h.RescaleIntercept) for h in hdrs])
+    inside, shell = case.mask == 1, (case.mask == 0)
+    assert inside.sum() > 50 and hu[inside].mean() > 100
+    seg = pydicom.dcmread(case.seg)
+    assert seg.SOPClassUID == SEG_SOP_CLASS and seg.SegmentationType == 'BINARY' and seg.BitsAllocated == 1
+    assert seg.FrameOfReferenceUID == hdrs[0].FrameOfReferenceUID and seg.PatientID == 'N7'
+    sops = [h.SOPInstanceUID for h in hdrs]
+    px = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    seen = set()
+    for f, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        k = sops.index(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        assert list(item.PlanePositionSequence[0].ImagePositionPatient) == list(hdrs[k].ImagePositionPatient)
+        np.testing.assert_array_equal(px[f].astype(bool), inside[k]); seen.add(k)
+    assert seen == {k for k in range(len(hdrs)) if inside[k].any()}
+    rt = pydicom.dcmread(case.rtstruct)
+    assert rt.SOPClassUID == RTSTRUCT_SOP_CLASS and rt.StructureSetROISequence[0].ROIName == 'nodule'
+    zs = {round(float(h.ImagePositionPatient[2]), 3) for h in hdrs}
+    for c in rt.ROIContourSequence[0].ContourSequence:
+        p = np.asarray(c.ContourData, float).reshape(-1, 3)
+        assert c.ContourGeometricType == 'CLOSED_PLANAR' and len({round(z, 3) for z in p[:, 2]}) == 1 and round(p[0, 2], 3) in zs
+
+def test_nodule_series_same_bytes(tmp_path):
+    from fastdcm.synth import synth_nodule_series
+    a = synth_nodule_series(tmp_path/'a', seed=3)
+    b = synth_nodule_series(tmp_path/'b', seed=3)
+    for x, y in ((a.seg, b.seg), (a.rtstruct, b.rtstruct), (a.files[5], b.files[5])):
+        assert open(x, 'rb').read() == open(y, 'rb').read()
+    c = synth_nodule_series(tmp_path/'c', nodule=False, seed=3)
+    assert c.seg is None and c.mask.max() == 0 and c.label == 'none'

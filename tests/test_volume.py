@@ -382,3 +382,16 @@ def test_slice_datablock_splits_by_patient(tmp_path):
     x = open_slice_stack(row.fnames)
     np.testing.assert_array_equal(x[0].numpy(), x[2].numpy())     # clamped at the first slice
     np.testing.assert_array_equal(x[4].numpy(), dicom_pixels(st[(st.SeriesInstanceUID == row.SeriesInstanceUID) & (st.slice == 2)].fname.item()))
+
+def test_grid_from_headers_only(tmp_path, monkeypatch):
+    "load_series(decode=False): the same geometry and identity as the decoded volume, no pixel decoded."
+    import fastdcm.volume as V
+    files = synth_ct_series(tmp_path/'s', n_slices=6, size=16, seed=4)
+    vol = load_series(tmp_path/'s')
+    monkeypatch.setattr(V, 'dicom_pixels', lambda *a, **k: (_ for _ in ()).throw(AssertionError('decoded')))
+    grid = load_series(tmp_path/'s', decode=False)
+    assert grid.array is None and grid.shape == vol.shape == (6, 16, 16)
+    np.testing.assert_allclose(grid.affine, vol.affine)
+    sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]   # files in true order
+    assert grid.meta['SOPInstanceUIDs'] == vol.meta['SOPInstanceUIDs'] == sops
+    assert grid.meta['FrameOfReferenceUID'] == str(pydicom.dcmread(files[0], stop_before_pixels=True).FrameOfReferenceUID)
