@@ -323,7 +323,8 @@ def _apply_profile(ds, rules, key, descriptors):
     "Apply the Basic Profile to every element of `ds` and, recursively, of the items of the sequences it keeps."
     for el in list(ds):
         tag = el.tag
-        if tag.is_private or 0x6000 <= tag.group <= 0x60FF:   # private: X; overlays: the whole group goes with (60xx,3000)
+        # private: X; overlays: the whole group goes with (60xx,3000); group lengths (retired, PS3.5 7.2) would be stale
+        if tag.is_private or 0x6000 <= tag.group <= 0x60FF or tag.element == 0:
             del ds[tag]; continue
         a = _action(tag, rules)
         if a=='X': del ds[tag]

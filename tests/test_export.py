@@ -349,6 +349,7 @@ def _profile_dataset():
         want[tag] = (_CHOICE.get(action, action), vr, _value(vr, n))
     ds.add_new(0x60000010, 'US', 512); ds.add_new(0x60003000, 'OW', b'\x00' * 8); ds.add_new(0x60024000, 'LT', 'overlay note')
     ds.add_new(0x50000005, 'US', 2)                                # curve data (50xx,xxxx): X
+    ds.add_new(0x00080000, 'UL', 1234)                             # a group length: stale once elements go
     ds.ReferencedSeriesSequence = Sequence([inner])                # not in the table: kept, its items protected
     return ds, want
 
@@ -374,6 +375,7 @@ def test_profile_actions_exactly_as_table(monkeypatch):
         _check_action(out, tag, action, vr, orig, 'top')
         _check_action(out.ReferencedSeriesSequence[0], tag, action, vr, orig, 'nested')
     assert not [el.tag for el in out if 0x5000 <= el.tag.group <= 0x60FF]        # no Overlay / Curve element left
+    assert 0x00080000 not in out
     assert out.LongitudinalTemporalInformationModified == 'REMOVED'
     removed = {keyword_for_tag(t) for t, (a, *_) in want.items() if a == 'X'}
     assert {'PerformedProcedureStepStartDate', 'DateOfLastCalibration'} <= removed
