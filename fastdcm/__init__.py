@@ -4,6 +4,7 @@ Modules:
 
 - `fastdcm.all`: One import for everything: `from fastdcm.all import *`
 - `fastdcm.augment`: Batch transforms for DICOM on any device: windows -> channels, random windows, full-depth histogram equalisation and CLAHE, intensity augmentations that respect modality values, and `dicom_aug_transforms`.
+- `fastdcm.backend`: An optional compiled reader for the hot path: dicomsdl parses the header in C++, numpy reads the stored pixel values, pydicom stays the reference and the fallback.
 - `fastdcm.cache`: Decode each DICOM once: a drop-in for `dicom_pixels` that keeps the decoded pixels as memory-mapped `.npy` files.
 - `fastdcm.cli`: The `fastdcm` command: index a folder, look inside a file, render it, convert to lossless 16-bit, anonymise, demo.
 - `fastdcm.core`: Reading and finding DICOM files: typed errors, a `dcmread` whose `force` works, file discovery, and a header DataFrame.
