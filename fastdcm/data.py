@@ -148,8 +148,11 @@ class PatientKFoldSplitter:
         return L(sorted(trn.tolist())), L(sorted(val.tolist()))
 
 # %% ../nbs/05_data.ipynb #db680f48
-def _loose(key:str) -> str:
-    "A patient key as a careless copy would write it: no issuer, case-folded, no trailing '.0', no leading zeros."
+_FALLBACK_KEYS = ('name:', 'StudyInstanceUID:', 'folder:')
+
+def _loose(key:str) -> str|None:
+    "A Patient ID key as a careless copy would write it: no issuer, case-folded, no trailing '.0', no leading zeros (None for fallback keys)."
+    if str(key).startswith(_FALLBACK_KEYS): return None
     k = str(key).split('::')[-1].strip().casefold()
     return re.sub(r'\.0+$', '', k).lstrip('0') or k
 
@@ -171,7 +174,7 @@ def check_leakage(dls_or_train, valid=None, col:str='PatientID', splits=None, fn
     rows = [(k, k, kt[k], kv[k], 'exact') for k in both]
     loose_t = {}
     for k in kt: loose_t.setdefault(_loose(k), []).append(k)
-    rows += sorted((t, v, kt[t], kv[v], 'probable') for v in kv for t in loose_t.get(_loose(v), []) if t!=v and v not in kt)
+    rows += sorted((t, v, kt[t], kv[v], 'probable') for v in kv if v not in kt for t in loose_t.get(_loose(v), []) if _loose(v) is not None)
     res = pd.DataFrame(rows, columns=['patient', 'valid_patient', 'n_train', 'n_valid', 'match'])
     if warn and len(res):
         n_prob = int((res.match=='probable').sum())

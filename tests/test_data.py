@@ -197,3 +197,6 @@ def test_check_leakage_lists_probable_pairs():
     assert rep[['patient', 'valid_patient', 'match']].values.tolist() == [
         ['Z1', 'Z1', 'exact'], ['04242', '4242.0', 'probable'], ['ab12', 'AB12', 'probable']]
     assert check_leakage(train.iloc[2:3], valid.iloc[2:3], warn=False).empty
+    # fallback keys (study, folder) are never 'probable' matches: '1.2.3.0' and '1.2.3' are two studies
+    studies = lambda u: pd.DataFrame({'PatientID': [''], 'StudyInstanceUID': [u], 'fname': ['x']})
+    assert check_leakage(studies('1.2.3.0'), studies('1.2.3'), warn=False).empty
