@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT/'docs_out'
-CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+CHROMIUM = shutil.which(os.environ.get('CHROMIUM', 'chromium')) or shutil.which('chromium-browser')
 FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
          '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage']
 
@@ -110,7 +110,9 @@ def site():
 
 @pytest.fixture(scope='module')
 def browser():
-    if CHROMIUM is None: pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    if CHROMIUM is None:
+        if os.environ.get('CI'): pytest.fail("CI must install Debian's chromium (.ci/run does: apt-get install chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         yield b
