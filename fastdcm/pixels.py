@@ -17,7 +17,7 @@ from pydicom.uid import UID
 from pydicom.tag import Tag
 from pydicom.pixels import apply_color_lut
 from pydicom.pixels.utils import get_expected_length
-from pydicom.encaps import parse_basic_offsets, parse_fragments
+from pydicom.encaps import parse_basic_offsets, parse_fragments, generate_frames
 from .core import (source_name, DicomError, NotDicomError, TruncatedDicomError, NoPixelDataError, PixelDataLengthError,
                           UnsupportedTransferSyntaxError, BadWindowError, dcmread, _open_mapped)
 
@@ -476,6 +476,28 @@ def _check_pixel_bytes(ds, ts, nf, name):
     if ts == pydicom.uid.RLELossless and need > _RLE_MAX_RATIO * len(data):
         raise PixelDataLengthError(name, f'the header describes {need} bytes of pixels, more than RLE can code in the '
                                          f'{len(data)} bytes of Pixel Data (at most {_RLE_MAX_RATIO}x)')
+    # JPEG 2000 and JPEG-LS code a blank frame in a few hundred bytes whatever its size: no ratio bounds them, but
+    # their own stream says how many pixels a frame has
+    geo = _stream_geometry(next(generate_frames(buf.getvalue(), number_of_frames=nf)), ts)
+    rows, cols = int(_get(ds, 'Rows')), int(_get(ds, 'Columns'))
+    if geo is not None and rows*cols > geo[0]*geo[1]:
+        raise PixelDecodeError(name, f'the header says {rows} x {cols} pixels per frame, but the first frame\'s {ts.name} '
+                                     f'stream holds {geo[0]} x {geo[1]}')
+
+_JPEG_TS = {'1.2.840.10008.1.2.4.50', '1.2.840.10008.1.2.4.51', '1.2.840.10008.1.2.4.57', '1.2.840.10008.1.2.4.70',
+            '1.2.840.10008.1.2.4.80', '1.2.840.10008.1.2.4.81'}                            # JPEG, JPEG-LS (libjpeg)
+_J2K_TS = {'1.2.840.10008.1.2.4.90', '1.2.840.10008.1.2.4.91', '1.2.840.10008.1.2.4.201', '1.2.840.10008.1.2.4.202',
+           '1.2.840.10008.1.2.4.203'}                                                   # JPEG 2000, HTJ2K (openjpeg)
+
+def _stream_geometry(frame, ts):
+    "(rows, columns) that a JPEG, JPEG-LS or JPEG 2000 frame's own stream declares, read by its decoder plugin's header parser; None when no plugin can say (the decoder judges the stream later)."
+    try:
+        if ts in _J2K_TS: import openjpeg as codec
+        elif ts in _JPEG_TS: import libjpeg as codec
+        else: return None
+        p = codec.get_parameters(frame)
+        return int(p['rows']), int(p['columns'])
+    except (ImportError, RuntimeError, ValueError, KeyError, TypeError): return None
 
 # YBR_FULL from RGB, PS3.3 C.7.6.3.1.2 (offsets 2**(bits-1) on CB and CR)
 _YBR_FULL = np.array([[ .2990,  .5870,  .1140],

@@ -382,3 +382,13 @@ def test_pydicom_data_palette_without_meta(tmp_path):
     np.testing.assert_array_equal(dicom_pixels(g, 'stored'), ds.pixel_array)
     bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
     np.testing.assert_allclose(dicom_pixels(g, 'display'), pydicom.pixels.apply_color_lut(ds.pixel_array, ds) / (2**bits - 1), atol=1e-6)
+
+@pytest.mark.parametrize('src,geo', [('SC_rgb_jpeg_dcmtk.dcm', '100 x 100'), ('JPEG2000.dcm', '1024 x 256'),
+                                     ('JPEG-LL.dcm', '1024 x 256'), ('JPEGLSNearLossless_16.dcm', '50 x 10')])
+def test_compressed_geometry_lies_refused_by_the_stream(tmp_path, src, geo):
+    "JPEG 2000 codes a 1024 x 256 frame in 266 bytes, so no ratio bounds a compressed frame: the stream's own header does. Today a 30000 x 30000 header allocates 1.7-2.5 GB first."
+    f = _edited(tmp_path, get_testdata_file(src), 'big.dcm', Rows=30000, Columns=30000)
+    err, peak = _peak_alloc(dicom_pixels, f)
+    assert isinstance(err, PixelDecodeError) and 'big.dcm' in str(err) and '30000 x 30000' in str(err) and geo in str(err), err
+    assert peak < 20 * f.stat().st_size + 2**20, peak
+    np.testing.assert_array_equal(dicom_pixels(get_testdata_file(src), 'stored'), pydicom.dcmread(get_testdata_file(src)).pixel_array)
