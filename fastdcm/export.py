@@ -301,8 +301,8 @@ def _dummy(ds, el, key):
         for item in el.value:
             for sub in list(item):
                 if sub.tag.is_private: del item[sub.tag]
-                elif sub.VR=='UI': (_set_uids(sub, key) if _is_instance_uid(sub) else None)
-                else: _dummy(item, sub, key)
+                elif sub.VR!='UI': _dummy(item, sub, key)
+                elif _is_instance_uid(sub): _set_uids(sub, key)       # class UIDs (SOP Class...) stay
     elif el.VR=='UI': _set_uids(el, key)
     elif el.VR in _DUMMY: el.value = _DUMMY[el.VR]
     else: del ds[el.tag]                 # a VR with no sensible dummy: removing is the private choice
@@ -349,6 +349,7 @@ def deidentify(ds:Dataset, salt=None, descriptors:str='clean') -> Dataset:
     meta.MediaStorageSOPClassUID = ds.get('SOPClassUID', old.get('MediaStorageSOPClassUID', '') if old is not None else '')
     meta.MediaStorageSOPInstanceUID = ds.get('SOPInstanceUID', '')
     ds.file_meta = meta
+    ds.preamble = bytes(128)                  # the preamble may carry application data (a TIFF header, PS3.10 7.1)
     ds.PatientID, ds.PatientName = pkey, pkey
     ds.PatientIdentityRemoved = 'YES'
     ds.LongitudinalTemporalInformationModified = 'REMOVED'   # the profile replaced or removed every date (PS3.3 C.7.6.1)
@@ -630,7 +631,7 @@ def _write_anonymize(job, key, descriptors, dst):
     fn, outs, fp = job
     try:
         ds = deidentify(dcmread(fn), key, descriptors)
-        _write_outputs(dst, outs, fp, lambda i,o: atomic_write(o, lambda p: ds.save_as(p)))
+        _write_outputs(dst, outs, fp, lambda i,o: atomic_write(o, lambda p: ds.save_as(p, enforce_file_format=True)))  # Part 10: preamble, DICM, meta
     except Exception as e: return _reason(e, fn, True)
 
 def anonymize(src, dst, salt=None, workers:int|None=None, progress:bool=True, skip_burned_in:bool=False,

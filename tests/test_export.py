@@ -589,3 +589,16 @@ def test_patient_key_normalised():
     assert patient_identity(4242.0) == patient_identity('4242') == ('4242', 'id')
     assert patient_identity('-', name='Smith^John', birth='19510203') == ('name:smith^john|19510203', 'name')
     assert patient_identity('0', name='Smith^John', birth='', study='1.2.3') == ('StudyInstanceUID:1.2.3', 'study')
+
+def test_anonymized_files_are_part10(tmp_path):
+    "Outputs are Part 10 files (zeroed preamble, DICM, file meta) even from a source without them, and re-read without force."
+    src = tmp_path/'src'; src.mkdir()
+    shutil.copy(get_testdata_file('OT-PAL-8-face.dcm'), src/'face.dcm')          # no preamble, no file meta
+    shutil.copy(get_testdata_file('CT_small.dcm'), src/'ct.dcm')                  # a TIFF header in its preamble
+    res = anonymize(src, tmp_path/'anon', salt=SALT, progress=False)
+    assert res['done'] == 2 and not res['failed']
+    for p in (tmp_path/'anon').rglob('*.dcm'):
+        raw = p.read_bytes()
+        assert raw[:128] == bytes(128) and raw[128:132] == b'DICM'
+        ds = pydicom.dcmread(p)
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
