@@ -366,11 +366,18 @@ def _check_action(d, tag, action, vr, orig, where):
     elif action in ('U', 'U*'): assert vr != 'UI' or el.value == pseudo_uid(orig, SALT)
     else: raise AssertionError(f'unexpected action {action}')
 
-def test_profile_actions_exactly_as_table(monkeypatch):
-    "Every attribute of the Basic Profile table, top level and nested: X removed, Z emptied, D dummy, U remapped; overlays and curves whole."
+def test_profile_actions_exactly_as_table(tmp_path):
+    "A file holding every attribute of the Basic Profile table, top level and nested, through `anonymize`: X removed, Z emptied, D dummy, U remapped; overlays and curves whole."
     ds, want = _profile_dataset()
     assert len(want) > 600
-    out = deidentify(ds, SALT.encode())
+    ds.SOPClassUID = '1.2.840.10008.5.1.4.1.1.7'                                 # Secondary Capture
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    (tmp_path/'src').mkdir(); ds.save_as(tmp_path/'src'/'all.dcm', enforce_file_format=True)
+    res = anonymize(tmp_path/'src', tmp_path/'anon', salt=SALT, progress=False)
+    assert res['done'] == 1 and 'PS3.15' in res['profile'], res
+    out = pydicom.dcmread(next((tmp_path/'anon').rglob('*.dcm')))
     for tag, (action, vr, orig) in want.items():
         _check_action(out, tag, action, vr, orig, 'top')
         _check_action(out.ReferencedSeriesSequence[0], tag, action, vr, orig, 'nested')
