@@ -211,14 +211,19 @@ def _multi_vm(tag):
     try: return dictionary_VM(tag) != '1'
     except KeyError: return False
 
+_NUMBER_VRS = {'DS', 'IS', 'US', 'SS', 'UL', 'SL', 'UV', 'SV', 'FL', 'FD'}
+
 def _clip_text(v, el, notes):
+    if isinstance(v, str) and el.VR in _NUMBER_VRS:   # pydicom keeps an invalid number ('1A' in an IS) as text
+        notes.append(f'{el.tag} {el.keyword} {v[:32]!r} is not a number ({el.VR}): left out')
+        return None
     if isinstance(v, str) and len(v) > _MAX_CHARS:
         notes.append(f'{el.tag} {el.keyword} is {len(v)} characters long: kept the first {_MAX_CHARS}')
         return v[:_MAX_CHARS]
     return v
 
 def header_dict(ds:Dataset, split:bool=True, notes:list|None=None) -> dict:
-    "Flat dict of `ds`'s top-level elements by keyword. `split`: multi-values in numbered keys `kw`, `kw1`, ...; else one key per element, a tuple for elements whose VM allows several values. Values beyond 1,024 or text beyond 10,240 characters are cut, with a line in `notes`."
+    "Flat dict of `ds`'s top-level elements by keyword. `split`: multi-values in numbered keys `kw`, `kw1`, ...; else one key per element, a tuple for elements whose VM allows several values. Values beyond 1,024 or text beyond 10,240 characters are cut, and text where a number belongs left out, each with a line in `notes`."
     res, notes = {}, ([] if notes is None else notes)
     for tag in ds.keys():
         try: el = ds[tag]

@@ -120,3 +120,15 @@ def test_index_one_row_per_frame(tmp_path):
     full = dicom_pixels(cine)
     for _, r in by['cine.dcm'].iterrows(): np.testing.assert_array_equal(dicom_pixels(r.fname, frame=r.frame), full[r.frame])
     assert 'frame' not in index_dicoms(tmp_path, progress=False).columns and len(index_dicoms(tmp_path, progress=False)) == 3
+
+def test_text_where_a_number_belongs_is_left_out(tmp_path):
+    "badVR.dcm's Number of Frames is '1A' (an IS): left out with a note, so the column stays numeric and the index writes to Parquet."
+    bad = get_testdata_file('badVR.dcm')
+    df = index_dicoms([CT, get_testdata_file('rtdose.dcm'), bad], progress=False)
+    row = df.iloc[2]
+    assert pd.isna(row.NumberOfFrames) and "NumberOfFrames '1A' is not a number (IS)" in row.error
+    assert pd.api.types.is_numeric_dtype(df.NumberOfFrames.dropna().infer_objects())
+    pytest.importorskip('pyarrow')
+    df.to_parquet(tmp_path/'index.parquet', index=False)
+    back = pd.read_parquet(tmp_path/'index.parquet')
+    assert back.shape == df.shape and list(back.ImageType.iloc[0]) == list(df.ImageType.iloc[0])
