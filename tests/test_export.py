@@ -610,3 +610,12 @@ def test_anonymized_files_are_part10(tmp_path):
         assert raw[:128] == bytes(128) and raw[128:132] == b'DICM'
         ds = pydicom.dcmread(p)
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+
+def test_convert_two_sources_one_output_reported(tmp_path):
+    "`a/IM1` and `a/IM1.dcm` both name `a/IM1.png`: one is written, the other reported, never a silent overwrite or skip."
+    _ct(tmp_path/'src'/'a'/'IM1', *PATIENTS[0], '1.2.3.4', 1); _ct(tmp_path/'src'/'a'/'IM1.dcm', *PATIENTS[0], '1.2.3.4', 2)
+    res = convert(tmp_path/'src', tmp_path/'out', salt=SALT, progress=False)
+    assert res['done'] == 1 and len(res['failed']) == 1
+    assert res['failed'][0][0] == 'a/IM1.dcm' and 'same output (a/IM1.png) as a/IM1' in res['failed'][0][1]
+    np.testing.assert_array_equal(read_converted(tmp_path/'out'/'a'/'IM1.png'), dicom_pixels(tmp_path/'src'/'a'/'IM1'))
+    assert len(pd.read_csv(tmp_path/'out'/'metadata.csv')) == 1
