@@ -18,7 +18,7 @@ from fastcore.basics import store_attr, ifnone, listify
 from fastcore.meta import delegates
 from fastcore.foundation import L
 from .core import dcmread, get_dicom_files
-from .export import clean_id, patient_identity
+from .export import patient_identity   # the one patient-key rule, shared with the pseudonymous keys
 
 # %% auto #0
 __all__ = ['patient_groups', 'PatientSplitter', 'PatientKFoldSplitter', 'check_leakage', 'DicomColReader', 'DicomDataLoaders']
