@@ -22,12 +22,18 @@ def cmd_index(args):
     from fastdcm.core import index_dicoms
     out = Path(args.output)
     if out.suffix.lower() not in ('.csv', '.parquet'): raise SystemExit(f'fastdcm index: -o must end in .csv or .parquet, not {out.name}')
-    df = index_dicoms(args.src, n_workers=args.workers, progress=not args.quiet)
-    from fastdcm.export import atomic_write
-    if out.suffix.lower()=='.parquet':
+    if out.suffix.lower()=='.parquet':   # before the scan, not after minutes of it
         try: import pyarrow  # noqa: F401
         except ImportError: raise SystemExit('fastdcm index: writing .parquet needs pyarrow (pip install pyarrow); or use .csv')
-        atomic_write(out, lambda p: df.to_parquet(p, index=False))
+    src = Path(args.src)
+    if not src.exists(): raise SystemExit(f'fastdcm index: {src}: no such file or folder')
+    df = index_dicoms(args.src, n_workers=args.workers, progress=not args.quiet)
+    if src.is_file() and (len(df)==0 or df.error.notna().all()):   # a file named on purpose that isn't DICOM
+        why = str(df.error.iloc[0]) if len(df) else 'not a DICOM file'
+        if 'not a DICOM file' in why: why = 'not a DICOM file'
+        raise SystemExit(f'fastdcm index: {src}: {why}')
+    from fastdcm.export import atomic_write
+    if out.suffix.lower()=='.parquet': atomic_write(out, lambda p: df.to_parquet(p, index=False))
     else: atomic_write(out, lambda p: df.to_csv(p, index=False))
     bad = int(df.error.notna().sum()) if len(df) else 0
     print(f'{len(df)} files indexed -> {out}; {bad} unreadable' + (' (see the error column)' if bad else ''))
@@ -47,11 +53,12 @@ def _fmt(v):
     if isinstance(v, (list, tuple)) or type(v).__name__=='MultiValue': return '\\'.join(str(o) for o in v)
     return str(v)
 
-def file_info(fn) -> list:
-    "(label, value) pairs describing DICOM file `fn` for a person about to use it."
+def file_info(fn, force:bool=False) -> list:
+    "(label, value) pairs describing DICOM file `fn` for a person about to use it; `force`: read a file without the DICM preamble."
     from fastdcm.core import dcmread
     from fastdcm.pixels import header_windows
-    ds = dcmread(fn, stop_before_pixels=True)
+    if Path(fn).is_dir(): raise SystemExit(f'fastdcm info: {fn} is a folder; `fastdcm index {fn} -o index.csv` tables every file in it')
+    ds = dcmread(fn, stop_before_pixels=True, force=force)
     g = lambda k, d='-': _fmt(ds.get(k)) if ds.get(k) not in (None, '') else d
     ts = getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None)
     rows = [('file', str(fn)), ('modality', g('Modality')), ('SOP class', getattr(ds.get('SOPClassUID'), 'name', '-')),
@@ -87,7 +94,7 @@ def cmd_info(args):
     "Print `file_info` of each file."
     for i,f in enumerate(args.files):
         if i: print()
-        rows = file_info(f)
+        rows = file_info(f, force=args.force)
         n = max(len(k) for k,_ in rows)
         for k,v in rows: print(f'{k:>{n}}: {v}')
     return 0
@@ -111,22 +118,35 @@ def parse_window(spec:str|None, src=None, frame=None):
     try: from fastdcm.pixels import dicom_windows
     except ImportError: dicom_windows = {}
     if spec in dicom_windows: return tuple(dicom_windows[spec])
-    return spec    # a window explanation in the header
+    if src is not None:   # a window explanation in the header, else say what would have worked
+        from fastdcm.pixels import header_windows
+        from fastdcm.core import dcmread
+        expls = [e for _,_,e,_ in header_windows(src if not isinstance(src, (str, Path)) else dcmread(src, stop_before_pixels=True)) if e]
+        if spec not in expls:
+            raise ValueError(f"--window {spec!r}: not a named window ({', '.join(dicom_windows)})"
+                             + (f" nor one of this file's ({', '.join(expls)})" if expls else '') + "; or C,W, an index, 'header', 'auto'")
+    return spec
 
-def render_png(src, out, window=None, frame=None):
-    "Write the display-stage image of `src` as an 8-bit PNG to `out` (atomically); returns its path."
+_IMG_FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG'}
+
+def render_png(src, out, window=None, frame=None, force:bool=False):
+    "Write the display-stage image of `src` as an 8-bit PNG (or JPEG, by `out`'s suffix) to `out` (atomically); returns its path."
+    fmt = _IMG_FORMATS.get(Path(out).suffix.lower())
+    if fmt is None: raise ValueError(f'{out}: -o must end in .png, .jpg or .jpeg')
     import PIL.Image
     from fastdcm.pixels import dicom_pixels
     from fastdcm.core import dcmread
     from fastdcm.export import atomic_write
-    if frame is None and int(dcmread(src, stop_before_pixels=True).get('NumberOfFrames', 1) or 1) > 1: frame = 0
-    x = dicom_pixels(src, stage='display', frame=frame, window=parse_window(window, src, frame))
+    ds = dcmread(src, force=force)
+    if frame is None and int(ds.get('NumberOfFrames', 1) or 1) > 1: frame = 0
+    x = dicom_pixels(ds, stage='display', frame=frame, window=parse_window(window, ds, frame))
     if x.ndim==3 and x.shape[-1]!=3: x = x[0]
+    if x.ndim not in (2, 3) or (x.ndim==3 and x.shape[-1]!=3): raise ValueError(f'{src}: pixels of shape {x.shape} are not an image')
     img = PIL.Image.fromarray(np.round(np.clip(x, 0, 1)*255).astype(np.uint8))
-    return atomic_write(out, lambda p: img.save(p, format='PNG'))
+    return atomic_write(out, lambda p: img.save(p, format=fmt))
 
 def cmd_show(args):
-    out = render_png(args.file, args.output, args.window, args.frame)
+    out = render_png(args.file, args.output, args.window, args.frame, force=args.force)
     print(f'wrote {out}')
     return 0
 
@@ -150,7 +170,19 @@ def cmd_demo(args):
     return 0
 
 # %% ../nbs/09_cli.ipynb #9cbb2c52
+_FORCE_HELP = 'read a file that lacks the DICM preamble / file meta anyway'
 _SALT_HELP = 'secret for pseudonyms (default: $FASTDCM_SALT, else a random one kept in ~/.config/fastdcm/salt)'
+
+def _cli_words(e) -> str:
+    "An error message in the CLI's terms: the library's `force=True` advice names the `--force` option, once"
+    msg = str(e)
+    msg = msg.replace('; pass force=True to try anyway', '; add --force to try anyway').replace('pass force=True', 'add --force')
+    return msg.replace('Use force=True to force reading.', '').replace('  ', ' ').replace(' )', ')')
+
+def _inputs(args) -> str:
+    "The file(s) a command was reading, to name in an error"
+    fs = getattr(args, 'files', None) or [getattr(args, a) for a in ('file', 'src') if getattr(args, a, None)]
+    return ', '.join(str(f) for f in fs) or '?'
 
 def make_parser() -> argparse.ArgumentParser:
     "The `fastdcm` argument parser, one subparser per command."
@@ -161,9 +193,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument('--workers', type=int, default=None, help='processes (default: automatic)')
     s.add_argument('-q', '--quiet', action='store_true', help='no progress bar'); s.set_defaults(func=cmd_index)
     s = sub.add_parser('info', help='what a DICOM file holds', description='Modality, photometric, bits, frames, transfer syntax and decoder, rescale, windows, padding, Patient ID presence.')
-    s.add_argument('files', nargs='+', metavar='FILE'); s.set_defaults(func=cmd_info)
+    s.add_argument('files', nargs='+', metavar='FILE'); s.add_argument('--force', action='store_true', help=_FORCE_HELP)
+    s.set_defaults(func=cmd_info)
     s = sub.add_parser('show', help='render a DICOM to PNG', description='Apply the display pipeline (window / VOI LUT, MONOCHROME1) and write an 8-bit PNG.')
-    s.add_argument('file', metavar='FILE'); s.add_argument('-o', '--output', required=True, help='out.png')
+    s.add_argument('file', metavar='FILE'); s.add_argument('-o', '--output', required=True, help='out.png (or .jpg)')
+    s.add_argument('--force', action='store_true', help=_FORCE_HELP)
     s.add_argument('--window', default=None, help="NAME (fastdcm.pixels.dicom_windows or a header explanation), C,W, an index, 'header' (default) or 'auto'; write --window=-600,1500 for a negative centre")
     s.add_argument('--frame', type=int, default=None, help='frame of a multi-frame file (default 0)'); s.set_defaults(func=cmd_show)
     s = sub.add_parser('convert', help='lossless 16-bit PNG/TIFF/npy + metadata.csv', description='Convert every DICOM under SRC into DST losslessly (read back with fastdcm.export.read_converted). Resumable; never writes in SRC.')
@@ -179,7 +213,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument('--workers', type=int, default=None, help='processes (default: automatic)')
     s.add_argument('--skip-burned-in', action='store_true', help='skip files with Burned In Annotation = YES instead of flagging them')
     s.set_defaults(func=cmd_anonymize)
-    s = sub.add_parser('demo', help='train the synthetic demo', description='Train a small model on synthetic DICOMs (fastdcm.learner.run_demo) and print its metrics.')
+    s = sub.add_parser('demo', help='train the synthetic demo', description='Train a small model on synthetic DICOMs (fastdcm.learner.run_demo) and print its metrics.',
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument('--out', default='demo_out', help='output folder'); s.add_argument('--epochs', type=int, default=None)
     s.add_argument('--n-patients', type=int, default=None); s.add_argument('--seed', type=int, default=None)
     s.add_argument('--pretrained', action='store_true', help='start from ImageNet weights (needs network)')
@@ -193,7 +228,13 @@ def main(argv=None) -> int:
     from fastdcm.pixels import FrameIndexError
     try: return args.func(args)
     except (DicomError, FrameIndexError, FileNotFoundError, ValueError) as e:   # bad input: one line naming the file
-        print(f'fastdcm {args.command}: error: {e}', file=sys.stderr)
+        print(f'fastdcm {args.command}: error: {_cli_words(e)}', file=sys.stderr)
+        return 1
+    except (SystemExit, KeyboardInterrupt): raise
+    except Exception as e:   # anything else a file can provoke in pydicom/PIL/numpy: still one line, never a traceback
+        if os.environ.get('FASTDCM_DEBUG'): raise
+        print(f'fastdcm {args.command}: error: {_inputs(args)}: {type(e).__name__}: {_cli_words(e)}'
+              ' (FASTDCM_DEBUG=1 shows the traceback)', file=sys.stderr)
         return 1
 
 if __name__ == '__main__' and not {'ipykernel', 'execnb'} & set(sys.modules): sys.exit(main())

@@ -192,3 +192,61 @@ def test_demo_real(tmp_path):
     r = run('demo', '--out', tmp_path/'demo', '--epochs', '1', '--n-patients', '8', '--seed', '1')
     assert 'accuracy:' in r.stdout and 'n_leaking_patients: 0' in r.stdout
     assert (tmp_path/'demo'/'show_batch.png').exists()
+
+
+# --- issue 10 item 6 / issue 8 item 6: the CLI speaks in its own terms and never shows a traceback ---------------
+
+def test_info_on_folder_suggests_index(tmp_path):
+    r = run('info', tmp_path, check=False)
+    assert r.returncode == 1 and 'fastdcm index' in r.stderr and 'Traceback' not in r.stderr
+
+@pytest.mark.parametrize('name,data', [('notes.txt', b'hello'), ('junk.dcm', b'\x01' * 300)])
+def test_index_of_named_non_dicom_file(tmp_path, name, data):
+    (tmp_path/name).write_bytes(data)
+    r = run('index', tmp_path/name, '-o', tmp_path/'i.csv', '-q', check=False)
+    assert r.returncode == 1 and f'{name}: not a DICOM file' in r.stderr, r.stderr
+    assert not (tmp_path/'i.csv').exists() and 'force' not in r.stderr
+
+def test_parquet_without_pyarrow_fails_before_scanning(tmp_path, monkeypatch):
+    import fastdcm.core, fastdcm.cli
+    monkeypatch.setitem(sys.modules, 'pyarrow', None)      # import pyarrow -> ImportError
+    def no_scan(*a, **k): raise AssertionError('scanned before checking for pyarrow')
+    monkeypatch.setattr(fastdcm.core, 'index_dicoms', no_scan)
+    with pytest.raises(SystemExit, match='needs pyarrow'): fastdcm.cli.main(['index', str(tmp_path), '-o', str(tmp_path/'i.parquet')])
+
+def test_force_advice_names_the_option_once(tmp_path):
+    (tmp_path/'junk.dcm').write_bytes(b'\x01' * 300)
+    for cmd in (['info', tmp_path/'junk.dcm'], ['show', tmp_path/'junk.dcm', '-o', tmp_path/'x.png']):
+        r = run(*cmd, check=False)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert 'junk.dcm' in r.stderr and r.stderr.count('--force') == 1 and 'force=True' not in r.stderr, r.stderr
+    assert run('info', '--force', CT).returncode == 0 and run('show', '--force', CT, '-o', tmp_path/'f.png').returncode == 0
+
+def test_unknown_window_lists_valid_names(tmp_path):
+    r = run('show', CT, '-o', tmp_path/'x.png', '--window', 'lung', check=False)
+    assert r.returncode == 1 and 'lungs' in r.stderr and 'mediastinum' in r.stderr and 'Traceback' not in r.stderr
+
+def test_show_writes_jpeg_or_refuses(tmp_path):
+    run('show', CT, '-o', tmp_path/'x.jpg', '--window', 'brain')
+    assert PIL.Image.open(tmp_path/'x.jpg').format == 'JPEG'
+    r = run('show', CT, '-o', tmp_path/'x.gif', check=False)
+    assert r.returncode == 1 and '.png, .jpg or .jpeg' in r.stderr and not (tmp_path/'x.gif').exists()
+
+def test_named_window_imports_no_torch(tmp_path):
+    code = (f"import sys; from fastdcm.cli import main; assert main(['show', {str(CT)!r}, '-o', {str(tmp_path/'x.png')!r},"
+            " '--window', 'brain']) == 0; print(sorted(m for m in ('torch', 'fastai') if m in sys.modules))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith('[]'), r.stdout + r.stderr
+
+def test_demo_help_shows_defaults():
+    assert 'default: demo_out' in run('demo', '--help').stdout
+
+def test_any_failure_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    "Whatever a file provokes inside pydicom/PIL (TypeError, NotImplementedError, ...): one line with the file, exit 1"
+    import fastdcm.cli
+    for exc in (TypeError('Cannot handle this data type'), NotImplementedError('unknown VR')):
+        def boom(args, exc=exc): raise exc
+        monkeypatch.setattr(fastdcm.cli, 'cmd_show', boom)
+        assert fastdcm.cli.main(['show', str(tmp_path/'odd.dcm'), '-o', str(tmp_path/'x.png')]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and 'odd.dcm' in err and str(exc) in err and 'Traceback' not in err
