@@ -478,7 +478,7 @@ def _check_pixel_bytes(ds, ts, nf, name):
                                          f'{len(data)} bytes of Pixel Data (at most {_RLE_MAX_RATIO}x)')
     # JPEG 2000 and JPEG-LS code a blank frame in a few hundred bytes whatever its size: no ratio bounds them, but
     # their own stream says how many pixels a frame has
-    geo = _stream_geometry(next(generate_frames(buf.getvalue(), number_of_frames=nf)), ts)
+    geo = _stream_geometry(next(generate_frames(data, number_of_frames=nf)), ts)
     rows, cols = int(_get(ds, 'Rows')), int(_get(ds, 'Columns'))
     if geo is not None and rows*cols > geo[0]*geo[1]:
         raise PixelDecodeError(name, f'the header says {rows} x {cols} pixels per frame, but the first frame\'s {ts.name} '
