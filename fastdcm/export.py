@@ -373,11 +373,20 @@ def _reason(e, fn, hide_path):
     msg = f'{type(e).__name__}: {e.msg if isinstance(e, DicomError) else e}'
     return msg.replace(str(fn), '<file>') if hide_path else msg
 
-def _watch_parent(parent:int, every:float=0.2):
+def _gone(pid:int) -> bool:
+    "Whether process `pid` no longer exists (POSIX only: on Windows signal 0 would be a Ctrl-C)."
+    if os.name!='posix': return False
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return True
+    except PermissionError: pass
+    return False
+
+def _watch_parent(main:int, every:float=0.2):
     "Worker initializer: exit as soon as the main process is gone (killed), instead of waiting forever for work."
+    parent = os.getppid()          # main itself (fork, spawn) or a fork server
     def watch():
         while True:
-            if os.getppid()!=parent: os._exit(1)
+            if os.getppid()!=parent or _gone(main): os._exit(1)
             threading.Event().wait(every)
     threading.Thread(target=watch, daemon=True, name='fastdcm-watch-parent').start()
 
