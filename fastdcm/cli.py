@@ -165,8 +165,7 @@ def cmd_anonymize(args):
 def cmd_demo(args):
     from fastdcm.learner import run_demo
     kw = {k: v for k, v in dict(out=args.out, epochs=args.epochs, n_patients=args.n_patients, seed=args.seed).items() if v is not None}
-    metrics = run_demo(pretrained=args.pretrained, **kw)
-    for k, v in (metrics or {}).items(): print(f'{k}: {v}')
+    run_demo(pretrained=args.pretrained, verbose=True, **kw)   # it prints the split, the metrics (once) and where the pictures are
     return 0
 
 # %% ../nbs/09_cli.ipynb #9cbb2c52

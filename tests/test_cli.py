@@ -174,23 +174,25 @@ def test_interrupted_convert_resumes(tmp_path, anonymize):
     assert tree_hash(src) == before
 
 def test_demo_passes_arguments(tmp_path, monkeypatch, capsys):
-    "`fastdcm demo` hands its options to fastdcm.learner.run_demo and prints the metrics (in process, fake learner)."
+    "`fastdcm demo` hands its options to fastdcm.learner.run_demo, which prints the metrics (in process, fake learner)."
     from fastdcm import cli
     calls = []
     fake = types.ModuleType('fastdcm.learner')
     fake.run_demo = lambda **kw: calls.append(kw) or {'accuracy': 0.9, 'valid_loss': 0.3}
     monkeypatch.setitem(sys.modules, 'fastdcm.learner', fake)
     assert cli.main(['demo', '--out', str(tmp_path/'d'), '--epochs', '2', '--seed', '7']) == 0
-    assert calls == [{'out': str(tmp_path/'d'), 'epochs': 2, 'seed': 7, 'pretrained': False}]
-    assert 'accuracy: 0.9' in capsys.readouterr().out
+    assert calls == [{'out': str(tmp_path/'d'), 'epochs': 2, 'seed': 7, 'pretrained': False, 'verbose': True}]
+    assert 'accuracy' not in capsys.readouterr().out     # run_demo says the metrics; the command doesn't repeat them
     cli.main(['demo', '--pretrained'])
-    assert calls[-1] == {'out': 'demo_out', 'pretrained': True}
+    assert calls[-1] == {'out': 'demo_out', 'pretrained': True, 'verbose': True}
 
 def test_demo_real(tmp_path):
     "The real `fastdcm demo`, as small as it goes (needs fastdcm.learner; no network: pretrained stays off)."
     pytest.importorskip('fastdcm.learner')
     r = run('demo', '--out', tmp_path/'demo', '--epochs', '1', '--n-patients', '8', '--seed', '1')
-    assert 'accuracy:' in r.stdout and 'n_leaking_patients: 0' in r.stdout
+    assert r.stdout.count('Validation: ') == 1 and 'accuracy' in r.stdout.split('Validation: ')[1].splitlines()[0]
+    assert 'patients in both sets: 0' in r.stdout
+    assert not any(l.startswith(('accuracy:', 'valid_loss:')) for l in r.stdout.splitlines())   # metrics printed once
     assert (tmp_path/'demo'/'show_batch.png').exists()
 
 
