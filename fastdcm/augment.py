@@ -1,7 +1,7 @@
 """Batch transforms for DICOM on any device: windows -> channels, random windows, full-depth histogram
 equalisation and CLAHE, intensity augmentations that respect modality values, and `dicom_aug_transforms`.
 
-Public API: `HARMONIZE_METHODS`, `Window`, `show_windows`, `RandomWindow`, `DicomHistEq`, `DicomCLAHE`, `ModalityJitter`, `ModalityNoise`, `fit_projective`, `projective_grid`, `dicom_aug_transforms`, `body_mask`, `Harmonize`, `dicom_windows`
+Public API: `HARMONIZE_METHODS`, `Window`, `show_windows`, `RandomWindow`, `DicomHistEq`, `DicomCLAHE`, `ModalityJitter`, `ModalityNoise`, `fit_projective`, `projective_grid`, `dicom_aug_transforms`, `body_mask`, `Harmonize`, `show_harmonization`, `dicom_windows`
 
 Docs: https://fastdcm.github.io/fastdcm/augment.html.md"""
 
@@ -25,7 +25,7 @@ from .transforms import TensorDicom, plane_percentiles, presentation_flags, item
 # %% auto #0
 __all__ = ['HARMONIZE_METHODS', 'Window', 'show_windows', 'RandomWindow', 'DicomHistEq', 'DicomCLAHE', 'ModalityJitter',
            'ModalityNoise', 'fit_projective', 'projective_grid', 'dicom_aug_transforms', 'body_mask', 'Harmonize',
-           'dicom_windows']
+           'show_harmonization', 'dicom_windows']
 
 # %% ../nbs/04_augment.ipynb #winptr02
 _all_ = ['dicom_windows']   # re-exported: `from fastdcm.augment import *` keeps giving the presets
@@ -430,3 +430,20 @@ class Harmonize(RandTransform):
         if keep is not None: y = torch.where(keep, y, torch.zeros_like(y))
         if single: y = y[0]
         return TensorDicom(y, windows=[f'harmonized:{self.method}'] * y.shape[-3])
+
+# %% ../nbs/04_augment.ipynb #harmcd02
+def show_harmonization(x:TensorDicom, harmonize:Harmonize|None=None, bins:int=64, figsize=(9, 3)):
+    "Value histograms of each source in batch `x` at display values (window + presentation only) and after `harmonize`."
+    harmonize = harmonize or Harmonize('histeq', body=True)
+    B = x.shape[0] if x.ndim==4 else 1
+    sources = item_meta(x, 'source', B)
+    stages = [('display values', Harmonize('none', dicom=harmonize.dicom)(x)), (f'after {harmonize.method}' + (' + body' if harmonize.body else ''), harmonize(x))]
+    fig, axs = plt.subplots(1, 2, figsize=figsize, sharey=True)
+    for ax, (title, y) in zip(axs, stages):
+        y = y if y.ndim==4 else y[None]
+        for s in dict.fromkeys(sources):
+            v = torch.cat([y[i].flatten() for i in range(B) if sources[i]==s]).detach().float().cpu()
+            ax.hist(v.numpy(), bins=bins, range=(0, 1), density=True, alpha=0.5, label=f'{s} ({sources.count(s)})')
+        ax.set_title(title, fontsize=9); ax.legend(fontsize=8)
+    plt.tight_layout()
+    return axs

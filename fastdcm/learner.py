@@ -1,6 +1,6 @@
 """`vision_learner` / `unet_learner` that take the channels and the normalisation from the DICOM batch, and `run_demo`.
 
-Public API: `data_norm_stats`, `pretrained_norm_stats`, `RecalibrateBN`, `RawValuesWarning`, `is_dicom_dls`, `vision_learner`, `unet_learner`, `run_demo`
+Public API: `data_norm_stats`, `pretrained_norm_stats`, `RecalibrateBN`, `RawValuesWarning`, `is_dicom_dls`, `vision_learner`, `unet_learner`, `domain_report`, `run_demo`
 
 Docs: https://fastdcm.github.io/fastdcm/learner.html.md"""
 
@@ -31,7 +31,7 @@ from .data import PatientSplitter, PatientKFoldSplitter, DicomColReader, DicomDa
 
 # %% auto #0
 __all__ = ['data_norm_stats', 'pretrained_norm_stats', 'RecalibrateBN', 'RawValuesWarning', 'is_dicom_dls', 'vision_learner',
-           'unet_learner', 'run_demo']
+           'unet_learner', 'domain_report', 'run_demo']
 
 # %% ../nbs/06_learner.ipynb #7f117642
 def _has_norm(dls): return bool(dls.after_batch.fs.filter(lambda t: isinstance(t, Normalize)))
@@ -145,6 +145,15 @@ def _make_fastai_learners_dicom_aware():
     import fastai.vision.all as _fva
     for mod in (_fv, _fva): mod.vision_learner, mod.unet_learner = vision_learner, unet_learner
 _make_fastai_learners_dicom_aware()
+
+# %% ../nbs/06_learner.ipynb #drcd0001
+def domain_report(learn, items, name:str='out-of-domain') -> pd.DataFrame:
+    "Loss and metrics on the validation set beside those on labelled `items` from another source (through `dls.test_dl`), one row each."
+    dl = learn.dls.test_dl(items, with_labels=True)
+    with learn.no_bar(): val, ood = learn.validate(), learn.validate(dl=dl)
+    names = ['loss'] + [getattr(m, 'name', str(m)) for m in learn.metrics]
+    return pd.DataFrame([dict(set='validation', n=len(learn.dls.valid_ds), **dict(zip(names, map(float, val)))),
+                         dict(set=name, n=len(dl.dataset), **dict(zip(names, map(float, ood))))]).set_index('set')
 
 # %% ../nbs/06_learner.ipynb #51f4f3c5
 def _savefig(fn, fig=None):

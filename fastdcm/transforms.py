@@ -305,8 +305,11 @@ def _header(src):
 def open_dicom(src, stage:str='modality', frame:int|None=None, frames_as_channels:bool=False, cache=None) -> TensorDicom:
     "Decode `src` (path, str, bytes, `Dataset`, DataFrame row with 'fname') into a float32 C x H x W `TensorDicom` carrying its presentation (`inverted`)."
     if isinstance(src, TensorDicom): return src
+    row = src if isinstance(src, pd.Series) else None
     src, frame = _unpack_row(src, frame)
-    if is_image_file(src): return open_image(src)     # PNG/JPEG/TIFF beside DICOM
+    if is_image_file(src):                           # PNG/JPEG/TIFF beside DICOM; a row may declare it inverted
+        inv = row.get('inverted', False) if row is not None else False
+        return open_image(src, invert=bool(inv) and not pd.isna(inv))
     hdr = _header(src)
     if cache is not None: arr = cache(src, stage=stage, frame=frame)
     elif hdr is not None and isinstance(src, (str, os.PathLike)): arr = dicom_pixels(src, stage=stage, frame=frame, header=hdr)  # parsed once

@@ -102,3 +102,24 @@ def test_colour_and_bad_images_are_typed_errors(tmp_path):
     (tmp_path/'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\0'*20)
     with pytest.raises(DicomError, match='broken.png'): open_image(tmp_path/'broken.png')
     with pytest.raises(ValueError, match='method must be one of'): Harmonize('gamma')
+
+def test_predict_across_formats_and_domain_report(tmp_path):
+    "A learner trained on PNG items predicts on a .dcm path (and one trained on DICOM on a PNG), same pipeline."
+    from fastai.vision.all import resnet18
+    from fastdcm.learner import vision_learner, domain_report
+    rng = np.random.default_rng(0); png_rows, dcm_rows = [], []
+    for i in range(12):
+        d = synth_image('chest', size=48, finding=bool(i % 2), seed=i)
+        png_rows.append(dict(fname=str(site_a_png(tmp_path/f'a{i}.jpg', d, rng)), label='ab'[i % 2]))
+        dcm_rows.append(dict(fname=str(synth_dicom(tmp_path/f'b{i}.dcm', d, modality='DX', bits_stored=12, signed=False,
+                                                   seed=i)), label='ab'[i % 2]))
+    for train, other in ((png_rows, dcm_rows), (dcm_rows, png_rows)):
+        dls = DataBlock(blocks=(DicomBlock(), CategoryBlock), get_x=ColReader('fname'), get_y=ColReader('label'),
+                        splitter=IndexSplitter([0, 1, 2, 3]), batch_tfms=[Harmonize('histeq', body=True)]
+                        ).dataloaders(pd.DataFrame(train), bs=4)
+        learn = vision_learner(dls, resnet18, pretrained=False)
+        with learn.no_bar(): label, idx, probs = learn.predict(Path(other[0]['fname']))
+        assert label in ('a', 'b') and float(probs.sum()) == pytest.approx(1., abs=1e-5)
+        rep = domain_report(learn, pd.DataFrame(other))
+        assert list(rep.index) == ['validation', 'out-of-domain'] and rep.loc['out-of-domain', 'n'] == 12
+        assert np.isfinite(rep['loss']).all()
