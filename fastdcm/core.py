@@ -98,7 +98,7 @@ def _open_mapped(fn):
         except (ValueError, OSError):
             yield f; return
         with m:
-            m.name = f.name
+            m.name, m.file = f.name, f   # the file itself too: bulk reads (pixels) are faster with `read` than through the map
             yield m
 
 def _as_read_from_path(ds):
