@@ -69,7 +69,7 @@ def resolve_salt(salt:str|bytes|None=None, salt_file=None) -> bytes:
 
 def pseudonym(value, salt:str|bytes|None=None, n:int=16, kind:str='') -> str:
     "Hex HMAC-SHA256 of `value` keyed by `salt` (see `resolve_salt`), first `n` characters; `kind` separates namespaces."
-    key = salt if isinstance(salt, bytes) else resolve_salt(salt)
+    key = resolve_salt(salt)
     return hmac.new(key, f'{kind}:{value}'.encode(), hashlib.sha256).hexdigest()[:n]
 
 # %% ../nbs/08_export.ipynb #37ee90cc
@@ -339,7 +339,7 @@ def _apply_profile(ds, rules, key, descriptors):
 
 def deidentify(ds:Dataset, salt=None, descriptors:str='clean') -> Dataset:
     "De-identify `ds` in place under the PS3.15 Basic Profile (Table E.1-1, edition `PROFILE_EDITION`); returns it."
-    key = salt if isinstance(salt, bytes) else resolve_salt(salt)
+    key = resolve_salt(salt)
     rules = _profile_rules(descriptors)
     pkey = patient_key(ds, key)
     _apply_profile(ds, rules, key, descriptors)
@@ -566,7 +566,7 @@ def output_names(fn, src, format:str='png16', anonymize:bool=False, salt=None, s
     "Paths (relative to the destination) that `convert(src, ..., format, anonymize=, salt=)` writes for file `fn` under `src`."
     fn, root = Path(fn).resolve(), Path(src).resolve()
     root = root if root.is_dir() else root.parent
-    key = salt if isinstance(salt, bytes) else resolve_salt(salt, salt_file)
+    key = resolve_salt(salt, salt_file)
     return [o.as_posix() for o in _outputs(dcmread(fn, stop_before_pixels=True), fn.relative_to(root), format, anonymize, key, fn)]
 
 def _plan_convert(job, fmt, anonymize, key, columns):

@@ -615,3 +615,11 @@ def test_convert_two_sources_one_output_reported(tmp_path):
     assert res['failed'][0][0] == 'a/IM1.dcm' and 'same output (a/IM1.png) as a/IM1' in res['failed'][0][1]
     np.testing.assert_array_equal(read_converted(tmp_path/'out'/'a'/'IM1.png'), dicom_pixels(tmp_path/'src'/'a'/'IM1'))
     assert len(pd.read_csv(tmp_path/'out'/'metadata.csv')) == 1
+
+def test_short_salt_refused_everywhere(tmp_path):
+    "A short salt is refused by every public entry point, as str or bytes."
+    ds = pydicom.dcmread(get_testdata_file('CT_small.dcm'))
+    for salt in ('abc', b'abc'):
+        for call in (lambda: pseudonym('x', salt), lambda: pseudo_uid('1.2.3', salt), lambda: patient_key(ds, salt),
+                     lambda: deidentify(pydicom.dcmread(get_testdata_file('CT_small.dcm')), salt)):
+            with pytest.raises(ValueError, match='at least 12'): call()
