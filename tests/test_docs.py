@@ -5,7 +5,7 @@ its #anchor) must resolve, no raw directive text (`#| `) may show, nothing may o
 every exported name must have its doc entry. Screenshots of the index and two module pages go to
 docs_out/screenshots (kept by CI). Chromium is Debian's (`apt-get install chromium`, done by .ci/run); playwright
 only drives it (its own browser download is not used)."""
-import os, re, shutil, threading, functools, importlib, socket
+import os, re, ast, shutil, threading, functools, importlib
 from html.parser import HTMLParser
 from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
@@ -87,16 +87,30 @@ def check_page(page, url:str, site:Path, base:str) -> list:
     return problems
 
 
+def _assigned(modname) -> set:
+    "Public names a module assigns at top level (its constants), from its source"
+    tree = ast.parse(Path(importlib.import_module(modname).__file__).read_text())
+    res = set()
+    for n in tree.body:
+        if isinstance(n, (ast.Assign, ast.AnnAssign)):
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target]):
+                if isinstance(t, ast.Name) and not t.id.startswith('_'): res.add(t.id)
+    return res
+
 def undocumented(site:Path) -> list:
     "Exported names (each module's `__all__`, defined there) without a doc entry (page + anchor) in `site`"
     from fastdcm._modidx import d
+    from fastdcm.docs import nbdev_slug
     missing = []
     for modname, syms in d['syms'].items():
         if not modname.startswith('fastdcm.'): continue
-        mod = importlib.import_module(modname)
+        mod, consts = importlib.import_module(modname), _assigned(modname)
+        page_of_mod = site/next(iter(syms.values()))[0].partition('#')[0] if syms else None
         for name in getattr(mod, '__all__', []):
             entry = syms.get(f'{modname}.{name}')
-            if entry is None: continue            # re-exported from elsewhere (fastdcm.all)
+            if entry is None:
+                if name not in consts: continue            # re-exported from elsewhere (fastdcm.all)
+                entry = (f'{page_of_mod.name if page_of_mod else "?"}#{nbdev_slug(name)}',)   # a constant: an entry on its module's page
             page, _, anchor = entry[0].partition('#')
             p = site/page
             if not p.exists() or anchor not in page_ids(p): missing.append(f'{modname}.{name} -> {entry[0]}')
@@ -173,5 +187,8 @@ def test_checks_catch_broken_pages(site, browser, tmp_path):
         assert what in problems, (what, problems)
     core = (bad/'core.html').read_text()
     (bad/'core.html').write_text(core.replace('id="dcmread"', 'id="dcmread-gone"'))
+    pix = (bad/'pixels.html').read_text()
+    (bad/'pixels.html').write_text(pix.replace('id="dicom_windows"', 'id="dicom_windows-gone"'))
     page_ids.cache_clear()
-    assert any('fastdcm.core.dcmread' in m for m in undocumented(bad))
+    gone = undocumented(bad)
+    assert any('fastdcm.core.dcmread' in m for m in gone) and any('fastdcm.pixels.dicom_windows' in m for m in gone), gone
