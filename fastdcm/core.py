@@ -9,7 +9,7 @@ Docs: https://fastdcm.github.io/fastdcm/core.html.md"""
 # %% ../nbs/00_core.ipynb #8fdf7551
 from __future__ import annotations
 import os, warnings, mmap, struct
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from functools import partial
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -101,6 +101,18 @@ def _open_mapped(fn):
             m.name, m.file = f.name, f   # the file itself too: bulk reads (pixels) are faster with `read` than through the map
             yield m
 
+@contextmanager
+def _mapped_view(f):
+    "An open binary file `f` read through a `_MappedFile` from where it stands, and left where the reading stopped; `f` itself when it can't be mapped (a pipe, an in-memory buffer)."
+    try: m = _MappedFile(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (ValueError, OSError, AttributeError):
+        yield f; return
+    with m:
+        m.name, m.file = getattr(f, 'name', None), f
+        m.seek(f.tell())
+        try: yield m
+        finally: f.seek(m.tell())
+
 def _as_read_from_path(ds):
     "Make a dataset read through `_open_mapped` look as pydicom's own read from a path leaves it (deferred values re-read from the file)."
     if isinstance(ds, FileDataset) and isinstance(ds.buffer, _MappedFile): ds.buffer, ds.fileobj_type = None, open
@@ -114,12 +126,13 @@ def _record_transfer_syntax(ds):
     meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 def _pydicom_read(src, force, stop_before_pixels, kwargs):
-    "pydicom's `dcmread`, warnings silenced; a path is read through a memory map (see `_MappedFile`)."
+    "pydicom's `dcmread`, warnings silenced; a path or an open file is read through a memory map (see `_MappedFile`)."
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        if isinstance(src, (str, os.PathLike)):
-            with _open_mapped(src) as fp: ds = pydicom.dcmread(fp, force=force, stop_before_pixels=stop_before_pixels, **kwargs)
-        else: ds = pydicom.dcmread(src, force=force, stop_before_pixels=stop_before_pixels, **kwargs)
+        if isinstance(src, (str, os.PathLike)): ctx = _open_mapped(src)
+        elif isinstance(src, (io.BufferedReader, io.FileIO)): ctx = _mapped_view(src)
+        else: ctx = nullcontext(src)       # a map already, bytes (BytesIO reads only what is there), or a stream
+        with ctx as fp: ds = pydicom.dcmread(fp, force=force, stop_before_pixels=stop_before_pixels, **kwargs)
     _as_read_from_path(ds)
     return ds
 

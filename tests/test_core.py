@@ -132,3 +132,21 @@ def test_text_where_a_number_belongs_is_left_out(tmp_path):
     df.to_parquet(tmp_path/'index.parquet', index=False)
     back = pd.read_parquet(tmp_path/'index.parquet')
     assert back.shape == df.shape and list(back.ImageType.iloc[0]) == list(df.ImageType.iloc[0])
+
+def test_open_file_with_a_lying_length_allocates_nothing(tmp_path):
+    "An open file is read through a memory map too: an element claiming 4 GB allocates nothing, and the file is left where pydicom leaves it."
+    import struct, tracemalloc
+    b = bytearray(Path(CT).read_bytes())
+    pix = b.rfind(b'\xe0\x7f\x10\x00OW'); b[pix+8:pix+12] = struct.pack('<I', 0xFFFFFFF0)
+    f = tmp_path/'lie.dcm'; f.write_bytes(bytes(b))
+    with open(f, 'rb') as fp:
+        tracemalloc.start()
+        try:
+            with pytest.raises(TruncatedDicomError, match='lie.dcm'): dcmread(fp)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally: tracemalloc.stop()
+    assert peak < 20 * len(b), peak
+    with open(CT, 'rb') as a, open(CT, 'rb') as p:
+        a.seek(0); ds = dcmread(a, stop_before_pixels=True); pydicom.dcmread(p, stop_before_pixels=True)
+        assert a.tell() == p.tell() and ds.filename == CT and ds.Rows == 128
+        np.testing.assert_array_equal(dcmread(open(CT, 'rb')).pixel_array, pydicom.dcmread(CT).pixel_array)
