@@ -190,24 +190,34 @@ from fastai.data.core import DataLoaders
 from fastai.data.transforms import ColReader, ColSplitter, GrandparentSplitter, parent_label
 from fasttransform import DisplayedTransform
 from .transforms import DicomBlock, DicomResize, TensorDicom
-from .augment import Window
+from .augment import Window, Harmonize
 
 # %% ../nbs/05_data.ipynb #8d841e3c
+_ITEM_COLS = ('frame', 'inverted')   # row columns that say how to open the file: a frame of a multi-frame object, a declared inversion
+
 class DicomColReader(DisplayedTransform):
-    "Get the file of a DataFrame row from column `col`, joined to `path`; paths, bytes and `Dataset`s pass through."
+    "Get the file of a DataFrame row from column `col`, joined to `path` (with the row's `frame`/`inverted` when set); paths, bytes and `Dataset`s pass through."
     input_types = (object,)   # so that `test_dl`/`predict` send a bare path through here too
     def __init__(self, col='fname', path=None):
         super().__init__()
         store_attr()
     def encodes(self, o):
-        if isinstance(o, (pd.Series, dict)): o = o[self.col]
-        if isinstance(o, (str, os.PathLike)): return _join(self.path, o)
-        return o
+        extra = {}
+        if isinstance(o, (pd.Series, dict)):
+            extra = {k: o[k] for k in _ITEM_COLS if k in o and not pd.isna(o[k])}
+            o = o[self.col]
+        if isinstance(o, (str, os.PathLike)): o = _join(self.path, o)
+        # `open_dicom` takes a row with 'fname' and reads its frame / inversion from it
+        return pd.Series({'fname': o, **extra}) if extra else o
 
 # %% ../nbs/05_data.ipynb #58accdcb
-def _with_windows(windows, batch_tfms):
+def _with_windows(windows, batch_tfms, harmonize=None):
+    "`batch_tfms` after a `Window` of `windows`, or after a `Harmonize` (a method name or an instance)."
     tfms = listify(batch_tfms)
-    return tfms if windows is None else [Window(windows)] + tfms
+    if harmonize is None or harmonize == 'none': return tfms if windows is None else [Window(windows)] + tfms
+    if windows is not None:
+        raise ValueError("pass either `windows` or `harmonize`: `Harmonize(method, dicom=...)` picks the DICOM window itself")
+    return [harmonize if isinstance(harmonize, Harmonize) else Harmonize(harmonize)] + tfms
 
 class DicomDataLoaders(DataLoaders):
     "Basic wrapper around several `DataLoader`s with factory methods for DICOM classification problems."
@@ -216,7 +226,7 @@ class DicomDataLoaders(DataLoaders):
     def from_df(cls, df, path='.', fn_col='fname', label_col='label', valid_pct=0.2, seed=None, valid_col=None,
                 splitter=None, patient_col='PatientID', label_delim=None, y_block=None, windows=None,
                 stage='modality', frame=None, frames_as_channels=False, cache=None, item_tfms=None, batch_tfms=None,
-                **kwargs):
+                harmonize=None, **kwargs):
         "Create from `df`: files in `fn_col` (relative to `path`), labels in `label_col`, split by patient."
         if y_block is None:
             is_multi = (isinstance(label_col, (list, tuple)) and len(label_col)>1) or label_delim is not None
@@ -227,14 +237,14 @@ class DicomDataLoaders(DataLoaders):
         dblock = DataBlock(blocks=(DicomBlock(stage=stage, frame=frame, frames_as_channels=frames_as_channels, cache=cache),
                                    y_block),
                            get_x=DicomColReader(fn_col, path), get_y=ColReader(label_col, label_delim=label_delim),
-                           splitter=splitter, item_tfms=item_tfms, batch_tfms=_with_windows(windows, batch_tfms))
+                           splitter=splitter, item_tfms=item_tfms, batch_tfms=_with_windows(windows, batch_tfms, harmonize))
         return cls.from_dblock(dblock, df, path=path, **kwargs)
 
     @classmethod
     @delegates(DataLoaders.from_dblock)
     def from_folder(cls, path, valid_pct=0.2, seed=None, train='train', valid='valid', label_func=parent_label,
                     vocab=None, patient_col='PatientID', windows=None, stage='modality', frame=None,
-                    frames_as_channels=False, cache=None, item_tfms=None, batch_tfms=None, **kwargs):
+                    frames_as_channels=False, cache=None, item_tfms=None, batch_tfms=None, harmonize=None, **kwargs):
         "Create from the DICOM files under `path`, labelled by `label_func` (parent folder), split by patient."
         if valid_pct is None:
             splitter, folders = GrandparentSplitter(train_name=train, valid_name=valid), [train, valid]
@@ -242,5 +252,5 @@ class DicomDataLoaders(DataLoaders):
         dblock = DataBlock(blocks=(DicomBlock(stage=stage, frame=frame, frames_as_channels=frames_as_channels, cache=cache),
                                    CategoryBlock(vocab=vocab)),
                            get_items=partial(get_dicom_files, folders=folders), get_y=label_func,
-                           splitter=splitter, item_tfms=item_tfms, batch_tfms=_with_windows(windows, batch_tfms))
+                           splitter=splitter, item_tfms=item_tfms, batch_tfms=_with_windows(windows, batch_tfms, harmonize))
         return cls.from_dblock(dblock, path, path=path, **kwargs)

@@ -123,3 +123,19 @@ def test_predict_across_formats_and_domain_report(tmp_path):
         rep = domain_report(learn, pd.DataFrame(other))
         assert list(rep.index) == ['validation', 'out-of-domain'] and rep.loc['out-of-domain', 'n'] == 12
         assert np.isfinite(rep['loss']).all()
+
+def test_dicom_dataloaders_harmonize_argument(mixed):
+    from fastdcm.data import DicomDataLoaders
+    d, f = mixed
+    df = pd.DataFrame(dict(fname=[str(f[k]) for k in ('dcm', 'a8', 'a16', 'dcm', 'a8', 'a16')], label=list('ababab'),
+                           PatientID=[f'P{i}' for i in range(6)]))
+    for h in ('histeq', Harmonize('percentile', body=True)):
+        dls = DicomDataLoaders.from_df(df, valid_pct=0.34, seed=0, bs=2, harmonize=h, num_workers=0)
+        hz = [t for t in dls.after_batch.fs if isinstance(t, Harmonize)]
+        assert len(hz) == 1 and hz[0].method == (h if isinstance(h, str) else h.method)
+        x, _ = dls.train.one_batch()
+        assert x.windows and 0 <= float(x.min()) and float(x.max()) <= 1
+    plain = DicomDataLoaders.from_df(df, valid_pct=0.34, seed=0, bs=2, harmonize='none', num_workers=0)
+    assert not [t for t in plain.after_batch.fs if isinstance(t, Harmonize)]
+    with pytest.raises(ValueError, match='either `windows` or `harmonize`'):
+        DicomDataLoaders.from_df(df, valid_pct=0.34, seed=0, windows=['auto'], harmonize='histeq')

@@ -173,3 +173,26 @@ def test_raw_values_warning_once(study):
         warnings.simplefilter('always')
         vision_learner(dlw, tiny_arch, pretrained=True)
     assert not [w for w in rec if issubclass(w.category, RawValuesWarning)]
+
+# --- 4. frames as items ---------------------------------------------------------------------------------------------
+
+def test_frames_as_items(tmp_path):
+    from fastdcm.core import index_dicoms
+    from fastdcm.pixels import dicom_pixels
+    for p in range(4):
+        synth_dicom(tmp_path/f'cine{p}.dcm', modality='US', frames=4, size=32, seed=p, patient_id=f'P{p}')
+    df = index_dicoms(tmp_path, frames=True, progress=False)
+    assert len(df) == 16 and sorted(df.frame.unique().tolist()) == [0, 1, 2, 3]
+    df['label'] = ['ab'[int(f) % 2] for f in df.frame]
+    dls = DicomDataLoaders.from_df(df, valid_pct=0.5, seed=0, bs=4, num_workers=0, shuffle=False)
+    tr, va = dls.train.items, dls.valid.items
+    assert not set(tr.PatientID) & set(va.PatientID)                      # every frame of a patient on one side
+    assert len(tr) == len(va) == 8
+    x, _ = dls.valid.one_batch()
+    for i in range(4):
+        r = va.iloc[i]
+        want = dicom_pixels(r.fname, frame=int(r.frame))
+        got = x[i].as_subclass(torch.Tensor).numpy()
+        np.testing.assert_allclose(got.reshape(want.shape[-2:]) if want.ndim == 2 else np.moveaxis(got, 0, -1), want, atol=1e-4)
+    frames = [x[i].as_subclass(torch.Tensor) for i in range(4)]
+    assert any(not torch.equal(frames[0], f) for f in frames[1:])          # distinct frames, not one frame four times
