@@ -192,3 +192,14 @@ def test_checks_catch_broken_pages(site, browser, tmp_path):
     page_ids.cache_clear()
     gone = undocumented(bad)
     assert any('fastdcm.core.dcmread' in m for m in gone) and any('fastdcm.pixels.dicom_windows' in m for m in gone), gone
+
+
+def test_package_docs_list_every_module():
+    "fastdcm.__doc__ and nbs/llms.txt (both written by nbdev-export) name every public module, with its summary"
+    import pkgutil, fastdcm
+    mods = [m.name for m in pkgutil.iter_modules(fastdcm.__path__) if not m.name.startswith('_')]
+    llms = (ROOT/'nbs'/'llms.txt').read_text()
+    assert len(mods) >= 11
+    for m in mods:
+        assert f'- `fastdcm.{m}`: ' in fastdcm.__doc__, m
+        assert f'[fastdcm.{m}](https://fastdcm.github.io/fastdcm/{m}.html.md): ' in llms, m
