@@ -134,11 +134,11 @@ def render_png(src, out, window=None, frame=None, force:bool=False):
     fmt = _IMG_FORMATS.get(Path(out).suffix.lower())
     if fmt is None: raise ValueError(f'{out}: -o must end in .png, .jpg or .jpeg')
     import PIL.Image
-    from fastdcm.pixels import dicom_pixels
+    from fastdcm.pixels import dicom_pixels, n_frames
     from fastdcm.core import dcmread
     from fastdcm.export import atomic_write
     ds = dcmread(src, force=force)
-    if frame is None and int(ds.get('NumberOfFrames', 1) or 1) > 1: frame = 0
+    if frame is None and n_frames(ds) > 1: frame = 0   # n_frames: a typed error naming the file for a value like '1A'
     x = dicom_pixels(ds, stage='display', frame=frame, window=parse_window(window, ds, frame))
     if x.ndim==3 and x.shape[-1]!=3: x = x[0]
     if x.ndim not in (2, 3) or (x.ndim==3 and x.shape[-1]!=3): raise ValueError(f'{src}: pixels of shape {x.shape} are not an image')
@@ -177,6 +177,14 @@ def _cli_words(e) -> str:
     msg = str(e)
     msg = msg.replace('; pass force=True to try anyway', '; add --force to try anyway').replace('pass force=True', 'add --force')
     return msg.replace('Use force=True to force reading.', '').replace('  ', ' ').replace(' )', ')')
+
+def _one_line_warning(args):
+    "`warnings.showwarning` for the CLI: a library's warning about a file (pydicom's 'Invalid value for VR IS') as one line naming it"
+    seen = set()
+    def show(message, category, filename, lineno, file=None, line=None):
+        msg = f'fastdcm {args.command}: warning: {_inputs(args)}: {str(message).splitlines()[0]}'
+        if msg not in seen: seen.add(msg); print(msg, file=sys.stderr)
+    return show
 
 def _inputs(args) -> str:
     "The file(s) a command was reading, to name in an error"
@@ -225,15 +233,18 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     from fastdcm.core import DicomError
     from fastdcm.pixels import FrameIndexError
-    try: return args.func(args)
-    except (DicomError, FrameIndexError, FileNotFoundError, ValueError) as e:   # bad input: one line naming the file
-        print(f'fastdcm {args.command}: error: {_cli_words(e)}', file=sys.stderr)
-        return 1
-    except (SystemExit, KeyboardInterrupt): raise
-    except Exception as e:   # anything else a file can provoke in pydicom/PIL/numpy: still one line, never a traceback
-        if os.environ.get('FASTDCM_DEBUG'): raise
-        print(f'fastdcm {args.command}: error: {_inputs(args)}: {type(e).__name__}: {_cli_words(e)}'
-              ' (FASTDCM_DEBUG=1 shows the traceback)', file=sys.stderr)
-        return 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning(args)
+        try: return args.func(args)
+        except (DicomError, FrameIndexError, FileNotFoundError, ValueError) as e:   # bad input: one line naming the file
+            print(f'fastdcm {args.command}: error: {_cli_words(e)}', file=sys.stderr)
+            return 1
+        except (SystemExit, KeyboardInterrupt): raise
+        except Exception as e:   # anything else a file can provoke in pydicom/PIL/numpy: still one line, never a traceback
+            if os.environ.get('FASTDCM_DEBUG'): raise
+            print(f'fastdcm {args.command}: error: {_inputs(args)}: {type(e).__name__}: {_cli_words(e)}'
+                  ' (FASTDCM_DEBUG=1 shows the traceback)', file=sys.stderr)
+            return 1
 
 if __name__ == '__main__' and not {'ipykernel', 'execnb'} & set(sys.modules): sys.exit(main())

@@ -252,3 +252,32 @@ def test_any_failure_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
         assert fastdcm.cli.main(['show', str(tmp_path/'odd.dcm'), '-o', str(tmp_path/'x.png')]) == 1
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and 'odd.dcm' in err and str(exc) in err and 'Traceback' not in err
+
+def _frames_1a(path):
+    "CT_small with Number of Frames (0028,0008) stored as IS '1A'"
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+    ds = pydicom.dcmread(CT)
+    ds[0x00280008] = RawDataElement(Tag(0x00280008), 'IS', 2, b'1A', 0, False, True)
+    ds.save_as(path)
+    return path
+
+def _rgb_columns_3(path):
+    "SC_rgb.dcm whose Columns (0028,0011) says 3 instead of 100"
+    b = Path(get_testdata_file('SC_rgb.dcm')).read_bytes()
+    k = b.find(b'\x28\x00\x11\x00US\x02\x00')
+    path.write_bytes(b[:k+8] + (3).to_bytes(2, 'little') + b[k+10:])
+    return path
+
+@pytest.mark.parametrize('make', [_frames_1a, _rgb_columns_3])
+def test_lying_header_is_one_line_per_problem(tmp_path, make):
+    "issue 8: `show` on IS '1A' printed 'invalid literal for int()' without the file; pydicom's warnings came with source lines"
+    f = make(tmp_path/'liar.dcm')
+    r = run('show', f, '-o', tmp_path/'x.png', check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and 'Traceback' not in r.stderr and 'invalid literal' not in r.stderr, r.stderr
+    assert all(l.startswith('fastdcm show: ') and 'liar.dcm' in l for l in lines), r.stderr
+    assert lines[-1].startswith('fastdcm show: error: ') and not (tmp_path/'x.png').exists()
+    r = run('info', f, check=False)
+    assert 'Traceback' not in r.stderr and all(l.startswith('fastdcm info: ') for l in r.stderr.strip().splitlines()), r.stderr
