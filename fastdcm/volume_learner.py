@@ -29,9 +29,21 @@ def _monai_nets():
     except ImportError as e: raise ImportError('the 3-D networks come from MONAI: pip install "fastdcm[3d]" (or pip install monai)') from e
     return nets
 
-def volume_classifier(arch:str='resnet10', n_in:int=1, n_out:int=2, pretrained:bool=False, **kwargs) -> nn.Module:
+_RESNET_LAYERS = dict(resnet10=[1, 1, 1, 1], resnet18=[2, 2, 2, 2], resnet34=[3, 4, 6, 3])
+_NORMS = dict(batch='batch', instance=('instance', {'affine': True}))
+
+def volume_classifier(arch:str='resnet10', n_in:int=1, n_out:int=2, pretrained:bool=False,
+                      widths=None, # resnet10/18/34: channels of the four stages (MONAI's are 64-512); narrower trains faster on small data
+                      norm:str='batch', # 'batch' or 'instance' (steadier with a handful of items per batch)
+                      **kwargs) -> nn.Module:
     "A MONAI 3-D classification/regression network: 'resnet10/18/34/50' or 'densenet121/169', `n_in` channels in, `n_out` out."
     nets = _monai_nets()
+    if norm not in _NORMS: raise ValueError(f"norm must be 'batch' or 'instance', not {norm!r}")
+    if arch.startswith('resnet') and (widths is not None or norm != 'batch'):
+        if pretrained: raise ValueError('pretrained weights exist for MONAI\'s own widths and batch norm only')
+        if arch not in _RESNET_LAYERS: raise ValueError(f'widths/norm are for {list(_RESNET_LAYERS)}, not {arch!r}')
+        return nets.ResNet('basic', _RESNET_LAYERS[arch], list(widths or (64, 128, 256, 512)), spatial_dims=3, n_input_channels=n_in,
+                           num_classes=n_out, norm=_NORMS[norm], **kwargs)
     if arch.startswith('resnet'):
         return getattr(nets, arch)(pretrained=pretrained, spatial_dims=3, n_input_channels=n_in, num_classes=n_out, **kwargs)
     if arch.startswith('densenet'):
@@ -135,11 +147,12 @@ class VolumeLearner(Learner):
         return out, None, out
 
 def volume_learner(dls, arch:str|nn.Module='resnet10', n_out:int|None=None, pretrained:bool=False, loss_func=None,
-                   metrics=None, **kwargs) -> VolumeLearner:
+                   metrics=None, net_kwargs:dict|None=None, # to `volume_classifier` (widths, norm, conv1_t_size...)
+                   **kwargs) -> VolumeLearner:
     "A `VolumeLearner` for 3-D classification or regression with a MONAI network (`arch` a name of `volume_classifier`, or a module)."
     n_out = n_out or get_c(dls)
     if n_out is None: raise ValueError('n_out not given and not found in dls')
-    model = arch if isinstance(arch, nn.Module) else volume_classifier(arch, _n_in(dls), n_out, pretrained=pretrained)
+    model = arch if isinstance(arch, nn.Module) else volume_classifier(arch, _n_in(dls), n_out, pretrained=pretrained, **(net_kwargs or {}))
     return VolumeLearner(dls, model, loss_func=loss_func, metrics=metrics, **kwargs)
 
 def volume_unet_learner(dls, arch:str|nn.Module='unet', n_out:int|None=None, loss_func=None, metrics=None,
