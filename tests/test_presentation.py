@@ -123,3 +123,19 @@ def test_dicom_dataloaders_default_path(xray_df):
 def test_flags_count_checked():
     x = TensorDicom(torch.zeros(3, 1, 4, 4), inverted=(True, False))
     with pytest.raises(ValueError, match="2 values of 'inverted' for a batch of 3"): presentation_flags(x, 3)
+
+@pytest.mark.parametrize('batch_tfms', [None, [Window('auto')]], ids=['modality', 'windowed'])
+def test_show_results_bone_bright_in_every_picture(xray_df, batch_tfms):
+    from fastai.vision.all import resnet18
+    from fastdcm.learner import vision_learner
+    df = pd.concat([xray_df, xray_df], ignore_index=True)          # the same eight again, for training
+    dls = DataBlock(blocks=(DicomBlock(), CategoryBlock), get_x=ColReader('fname'), get_y=ColReader('label'),
+                    splitter=IndexSplitter(list(range(8))), batch_tfms=batch_tfms).dataloaders(df, bs=8)
+    learn = vision_learner(dls, resnet18, pretrained=False)
+    with warnings.catch_warnings(), learn.no_bar():
+        warnings.simplefilter('ignore')
+        learn.show_results(max_n=8, nrows=2, ncols=4)
+    axs = [a for a in plt.gcf().axes if a.get_images()]
+    assert len(axs) == 8
+    for ax in axs: assert _bone_bright(_axes_luma(ax))
+    plt.close('all')
