@@ -286,7 +286,7 @@ def test_unknown_vr_is_one_line(tmp_path):
     "issue 8: `info` on a file with an unknown VR let pydicom's NotImplementedError out as a traceback"
     b = Path(CT).read_bytes(); i = b.find(b'\x08\x00\x60\x00CS')          # Modality (0008,0060), explicit VR
     (tmp_path/'zz.dcm').write_bytes(b[:i+4] + b'ZZ' + b[i+6:])
-    for argv in (['info', tmp_path/'zz.dcm'], ['show', tmp_path/'zz.dcm', '-o', tmp_path/'x.png']):
-        r = run(*argv, check=False)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and 'zz.dcm' in lines[0] and "'ZZ'" in lines[0], r.stderr
+    r = run('info', tmp_path/'zz.dcm', check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and 'zz.dcm' in lines[0] and "'ZZ'" in lines[0], r.stderr
+    assert run('show', tmp_path/'zz.dcm', '-o', tmp_path/'x.png').returncode == 0    # the pixels don't need Modality
