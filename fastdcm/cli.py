@@ -123,8 +123,10 @@ def parse_window(spec:str|None, src=None, frame=None):
         from fastdcm.core import dcmread
         expls = [e for _,_,e,_ in header_windows(src if not isinstance(src, (str, Path)) else dcmread(src, stop_before_pixels=True)) if e]
         if spec not in expls:
-            raise ValueError(f"--window {spec!r}: not a named window ({', '.join(dicom_windows)})"
-                             + (f" nor one of this file's ({', '.join(expls)})" if expls else '') + "; or C,W, an index, 'header', 'auto'")
+            from fastdcm.core import BadWindowError
+            raise BadWindowError(getattr(src, 'filename', None) or src, f"no window called {spec!r}: the named windows are "
+                                 f"{', '.join(dicom_windows)}" + (f"; this file's: {', '.join(expls)}" if expls else '')
+                                 + "; or C,W, an index, 'header', 'auto'")
     return spec
 
 _IMG_FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG'}
