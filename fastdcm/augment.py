@@ -433,7 +433,7 @@ class Harmonize(RandTransform):
 
 # %% ../nbs/04_augment.ipynb #harmcd02
 def show_harmonization(x:TensorDicom, harmonize:Harmonize|None=None, bins:int=64, figsize=(9, 3)):
-    "Value histograms of each source in batch `x` at display values (window + presentation only) and after `harmonize`."
+    "Value histograms of each source in batch `x` at display values (window + presentation only) and after `harmonize`; zeros (padding, outside the body) left out."
     harmonize = harmonize or Harmonize('histeq', body=True)
     B = x.shape[0] if x.ndim==4 else 1
     sources = item_meta(x, 'source', B)
@@ -443,6 +443,7 @@ def show_harmonization(x:TensorDicom, harmonize:Harmonize|None=None, bins:int=64
         y = y if y.ndim==4 else y[None]
         for s in dict.fromkeys(sources):
             v = torch.cat([y[i].flatten() for i in range(B) if sources[i]==s]).detach().float().cpu()
+            v = v[v > 0]
             ax.hist(v.numpy(), bins=bins, range=(0, 1), density=True, alpha=0.5, label=f'{s} ({sources.count(s)})')
         ax.set_title(title, fontsize=9); ax.legend(fontsize=8)
     plt.tight_layout()
