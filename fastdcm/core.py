@@ -1,6 +1,6 @@
 """Reading and finding DICOM files: typed errors, a `dcmread` whose `force` works, file discovery, and a header DataFrame.
 
-Public API: `DICOM_EXTENSIONS`, `DicomError`, `NotDicomError`, `TruncatedDicomError`, `NoPixelDataError`, `PixelDataLengthError`, `UnsupportedTransferSyntaxError`, `BadWindowError`, `source_name`, `dcmread`, `is_dicom`, `get_dicom_files`, `header_dict`, `index_dicoms`
+Public API: `HEADER_BLOCK`, `DICOM_EXTENSIONS`, `DicomError`, `NotDicomError`, `TruncatedDicomError`, `NoPixelDataError`, `PixelDataLengthError`, `UnsupportedTransferSyntaxError`, `BadWindowError`, `source_name`, `dcmread`, `is_dicom`, `get_dicom_files`, `header_dict`, `index_dicoms`
 
 Docs: https://fastdcm.github.io/fastdcm/core.html.md"""
 
@@ -8,7 +8,7 @@ Docs: https://fastdcm.github.io/fastdcm/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #8fdf7551
 from __future__ import annotations
-import os, warnings, mmap, struct
+import os, re, warnings, mmap, struct
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from functools import partial
@@ -25,9 +25,9 @@ from pydicom.uid import UID, ImplicitVRLittleEndian, ExplicitVRLittleEndian, Exp
 from fastprogress.fastprogress import progress_bar
 
 # %% auto #0
-__all__ = ['DICOM_EXTENSIONS', 'DicomError', 'NotDicomError', 'TruncatedDicomError', 'NoPixelDataError', 'PixelDataLengthError',
-           'UnsupportedTransferSyntaxError', 'BadWindowError', 'source_name', 'dcmread', 'is_dicom', 'get_dicom_files',
-           'header_dict', 'index_dicoms']
+__all__ = ['HEADER_BLOCK', 'DICOM_EXTENSIONS', 'DicomError', 'NotDicomError', 'TruncatedDicomError', 'NoPixelDataError',
+           'PixelDataLengthError', 'UnsupportedTransferSyntaxError', 'BadWindowError', 'source_name', 'dcmread',
+           'is_dicom', 'get_dicom_files', 'header_dict', 'index_dicoms']
 
 # %% ../nbs/00_core.ipynb #55d3198b
 class DicomError(ValueError):
@@ -136,10 +136,45 @@ def _pydicom_read(src, force, stop_before_pixels, kwargs):
     _as_read_from_path(ds)
     return ds
 
-def dcmread(fn, force:bool=False, stop_before_pixels:bool=False, **kwargs) -> Dataset:
-    "Read `fn` (path, binary file, bytes or `Dataset`) with pydicom, raising a `DicomError` subclass on bad input."
+_URL = re.compile(r'[A-Za-z][A-Za-z0-9+.\-]+://')
+HEADER_BLOCK = 32*1024   # bytes per ranged read of a remote header: most DICOM headers end well inside the first block
+
+def _is_remote(src) -> bool:
+    "Whether `src` is an fsspec URL (`s3://...`, `https://...`, `file://...`) or an fsspec `OpenFile`."
+    if isinstance(src, str): return _URL.match(src) is not None
+    return type(src).__module__.startswith('fsspec') and hasattr(src, 'fs') and hasattr(src, 'path')
+
+def _fsspec():
+    try: import fsspec
+    except ImportError: raise ImportError('reading URLs needs fsspec (and the filesystem of the protocol, e.g. s3fs): '
+                                          'pip install "fastdcm[cloud]"') from None
+    return fsspec
+
+def _remote(src, storage_options=None):
+    "(filesystem, path, name) of a URL or an fsspec OpenFile; credentials come from `storage_options` or fsspec's own configuration."
+    if isinstance(src, str):
+        fs, path = _fsspec().core.url_to_fs(src, **(storage_options or {}))
+        return fs, path, src
+    return src.fs, src.path, src.fs.unstrip_protocol(src.path)
+
+def _read_remote(src, force, stop_before_pixels, storage_options, kwargs):
+    "Read a URL: the header alone through ranged reads of `HEADER_BLOCK` bytes (extended block by block as pydicom reads on), the whole object in one request otherwise."
+    fs, path, name = _remote(src, storage_options)
+    try:
+        if stop_before_pixels:
+            with fs.open(path, 'rb', block_size=HEADER_BLOCK, cache_type='readahead') as f: ds = _read(f, name, force, True, kwargs)
+        else: ds = _read(fs.cat_file(path), name, force, False, kwargs)
+    except (FileNotFoundError, IsADirectoryError) as e: raise FileNotFoundError(f'{name}: no such file') from e
+    ds.filename = name     # so `dicom_pixels(url, header=ds)` knows the header is this URL's
+    return ds
+
+def dcmread(fn, force:bool=False, stop_before_pixels:bool=False, storage_options:dict|None=None, **kwargs) -> Dataset:
+    "Read `fn` (path, fsspec URL or `OpenFile`, binary file, bytes or `Dataset`) with pydicom, raising a `DicomError` subclass on bad input; a URL's header (`stop_before_pixels`) comes from ranged reads, not the whole object; `storage_options` go to fsspec."
     if isinstance(fn, Dataset): return fn
-    name = source_name(fn)
+    if _is_remote(fn): return _read_remote(fn, force, stop_before_pixels, storage_options, kwargs)
+    return _read(fn, source_name(fn), force, stop_before_pixels, kwargs)
+
+def _read(fn, name, force, stop_before_pixels, kwargs):
     src = io.BytesIO(fn) if isinstance(fn, (bytes, bytearray)) else fn
     if isinstance(src, (str, os.PathLike)) and not os.path.isfile(src):
         if os.path.isdir(src): raise NotDicomError(name, 'is a folder, not a file (use get_dicom_files or index_dicoms)')
@@ -181,18 +216,49 @@ def _check_truncated(ds, name):
 # %% ../nbs/00_core.ipynb #89ca492c
 DICOM_EXTENSIONS = ('.dcm', '.dicom', '.dic')
 
+def _dicom_by_name(name:str):
+    "True/False when the file name alone tells (a DICOM extension; DICOMDIR), None when the first bytes must."
+    if name.upper()=='DICOMDIR': return False
+    if os.path.splitext(name)[1].lower() in DICOM_EXTENSIONS: return True
+    return None
+
+def _dicom_head(head:bytes) -> bool: return head[128:132]==b'DICM' or _plausible_start(head)
+
 def is_dicom(fn) -> bool:
     "True if `fn` has a DICOM extension (any case), a PS3.10 preamble and `DICM` marker, or starts with a plausible group 0008 element (a dataset without preamble or file meta)."
     fn = Path(fn)
-    if fn.name.upper()=='DICOMDIR': return False
-    if fn.suffix.lower() in DICOM_EXTENSIONS: return True
+    if (known := _dicom_by_name(fn.name)) is not None: return known
     try:
         with open(fn, 'rb') as f: head = f.read(132)
     except OSError: return False
-    return head[128:132]==b'DICM' or _plausible_start(head)
+    return _dicom_head(head)
 
-def get_dicom_files(path, recurse:bool=True, folders=None) -> list:
-    "Sorted list of DICOM files in `path` (see `is_dicom`), optionally restricted to `folders`."
+def _walk_key(rel:str):
+    "Sort key giving `os.walk`'s order to '/'-separated relative paths: a folder's files before its subfolders, each by name."
+    *dirs, name = rel.split('/')
+    return [(1, d) for d in dirs] + [(0, name)]
+
+def _remote_dicom_files(url, recurse, folders, storage_options):
+    "`get_dicom_files` for a URL: fsspec lists the objects; only those without a DICOM extension have their first 132 bytes read."
+    fs, root, _ = _remote(url, storage_options)
+    root = root.rstrip('/')
+    if not fs.exists(root): raise FileNotFoundError(f'{url}: no such file or folder')
+    if fs.isfile(root): paths = [root]
+    else:
+        paths = []
+        for r in ([f'{root}/{f}' for f in folders] if folders else [root]):
+            paths += [p for p,info in fs.find(r, maxdepth=None if recurse else 1, detail=True).items() if info.get('type')!='directory']
+        rels = {p: p[len(root)+1:] for p in paths}
+        paths = sorted((p for p in paths if not any(s.startswith('.') for s in rels[p].split('/'))), key=lambda p: _walk_key(rels[p]))
+    res = []
+    for p in paths:
+        known = _dicom_by_name(p.rsplit('/', 1)[-1])
+        if known or known is None and _dicom_head(fs.cat_file(p, start=0, end=132)): res.append(fs.unstrip_protocol(p))
+    return res
+
+def get_dicom_files(path, recurse:bool=True, folders=None, storage_options:dict|None=None) -> list:
+    "Sorted list of DICOM files in `path` (see `is_dicom`), optionally restricted to `folders`; `path` may be an fsspec URL (`s3://bucket/scans`), listed as URLs (`storage_options` go to fsspec)."
+    if _is_remote(path): return _remote_dicom_files(path, recurse, folders, storage_options)
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'{path}: no such file or folder')   # a typo must not look like an empty folder
     if path.is_file(): return [path] if is_dicom(path) else []
@@ -278,10 +344,10 @@ def _frame_count(ds, fn, notes):
         return 1
     return n
 
-def _index_one(fn, force=False, frames=False):
+def _index_one(fn, force=False, frames=False, storage_options=None):
     "The index rows of one file: one (or one per frame), with the file's problems in `error`; never raises."
     try:
-        ds = dcmread(fn, force=force, stop_before_pixels=True)
+        ds = dcmread(fn, force=force, stop_before_pixels=True, storage_options=storage_options)
         notes = []
         with warnings.catch_warnings():   # pydicom warns on each odd value it converts: thousands of lines from a scan
             warnings.simplefilter('ignore')
@@ -294,11 +360,26 @@ def _index_one(fn, force=False, frames=False):
     return [{'fname': row['fname'], 'frame': i, **row} for i in range(n)]
 
 # %% ../nbs/00_core.ipynb #5e8e543a
-def index_dicoms(files_or_path, n_workers:int|None=None, progress:bool=True, force:bool=False, frames:bool=False) -> pd.DataFrame:
-    "One row per DICOM file (`frames`: per frame, with an integer `frame` column): `fname`, one column per header keyword (a tuple where the VM allows several values), and `error` for unreadable files."
-    files = get_dicom_files(files_or_path) if isinstance(files_or_path, (str, os.PathLike)) else list(files_or_path)
+def _frame(rows, frames) -> pd.DataFrame:
+    first = ['fname', 'frame'] if frames else ['fname']
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=first+['error'])
+    cols = first + [c for c in df.columns if c not in (*first, 'error')] + ['error']
+    return df[cols]
+
+def index_dicoms(files_or_path, n_workers:int|None=None, progress:bool=True, force:bool=False, frames:bool=False,
+                 client=None, to=None, storage_options:dict|None=None, partition_size:int=1000) -> pd.DataFrame|dict:
+    "One row per DICOM file (`frames`: per frame, with an integer `frame` column): `fname`, one column per header keyword (a tuple where the VM allows several values), and `error` for unreadable files. `files_or_path` may be an fsspec URL (headers come from ranged reads). `client`: a `dask.distributed.Client` listing and reading in Dask tasks of `partition_size` files; `to`: a folder written as a Parquet dataset part by part (re-indexing reads only new or changed files), returning a summary dict."
+    if to is not None: return _index_to(files_or_path, to, _Tasks(client), force, frames, storage_options, partition_size)
+    if client is not None:
+        tasks = _Tasks(client)
+        files = _list_files(files_or_path, tasks, storage_options, partition_size)
+        parts = tasks.map(partial(_index_part, force=force, frames=frames, storage_options=storage_options), _chunks(files, partition_size))
+        return _frame([r for rs in parts for r in rs], frames)
+    if isinstance(files_or_path, (str, os.PathLike)) or _is_remote(files_or_path):
+        files = get_dicom_files(files_or_path, storage_options=storage_options)
+    else: files = list(files_or_path)
     if n_workers is None: n_workers = min(8, os.cpu_count() or 1) if len(files)>64 else 0
-    f = partial(_index_one, force=force, frames=frames)
+    f = partial(_index_one, force=force, frames=frames, storage_options=storage_options)
     if n_workers<=1: it = map(f, files)
     else:
         ex = ProcessPoolExecutor(n_workers)
@@ -307,7 +388,207 @@ def index_dicoms(files_or_path, n_workers:int|None=None, progress:bool=True, for
     try: rows = [r for rs in it for r in rs]
     finally:
         if n_workers>1: ex.shutdown()
+    return _frame(rows, frames)
+
+# %% ../nbs/00_core.ipynb #070e62ce
+_STAT_COLUMNS = ('file_size', 'file_mtime_ns')   # what a stored index compares to tell a changed file
+
+def _mtime_ns(info) -> int|None:
+    "Modification time in ns from an fsspec `info` dict (local 'mtime', S3 'LastModified', others 'last_modified'/'updated')."
+    for k in ('mtime', 'LastModified', 'last_modified', 'updated', 'modified', 'created'):
+        v = info.get(k)
+        if v is None: continue
+        if hasattr(v, 'timestamp'): return int(round(v.timestamp()*1e9))
+        try: return int(round(float(v)*1e9))
+        except (TypeError, ValueError): continue
+    return None
+
+def _stat(fn, storage_options=None) -> tuple:
+    "(name, size, mtime_ns) of a path or URL; (name, None, None) when it can't be stat'ed (its row will say why)."
+    try:
+        if _is_remote(fn):
+            fs, path, name = _remote(fn, storage_options)
+            info = fs.info(path)
+            return name, info.get('size'), _mtime_ns(info)
+        st = os.stat(fn)
+        return str(fn), st.st_size, st.st_mtime_ns
+    except (OSError, ValueError): return str(fn), None, None
+
+def _list_tree(root, storage_options=None) -> list:
+    "(name, size, mtime_ns) of the DICOM files under `root` in `get_dicom_files` order: one listing task."
+    return [_stat(f, storage_options) for f in get_dicom_files(root, storage_options=storage_options)]
+
+def _top_level(src, storage_options=None):
+    "(files directly in `src`, its subfolders) in `get_dicom_files` order: each subfolder becomes one listing task."
+    if _is_remote(src):
+        fs, root, _ = _remote(src, storage_options)
+        if fs.isfile(root): return [src], []
+        entries = sorted(fs.ls(root.rstrip('/'), detail=True), key=lambda e: e['name'])
+        dirs = [fs.unstrip_protocol(e['name']) for e in entries if e.get('type')=='directory']
+        dirs = [d for d in dirs if not d.rstrip('/').rsplit('/', 1)[-1].startswith('.')]
+        return get_dicom_files(src, recurse=False, storage_options=storage_options), dirs
+    src = Path(src)
+    if not src.exists(): raise FileNotFoundError(f'{src}: no such file or folder')
+    if src.is_file(): return get_dicom_files(src), []
+    return get_dicom_files(src, recurse=False), [src/d.name for d in sorted(os.scandir(src), key=lambda d: d.name)
+                                                  if d.is_dir() and not d.name.startswith('.')]
+
+def _chunks(xs:list, n:int) -> list: return [xs[i:i+n] for i in range(0, len(xs), n)]
+
+def _stat_all(files, storage_options=None) -> list: return [_stat(f, storage_options) for f in files]
+
+class _Tasks:
+    "`map` in this process, or as Dask tasks on `client` (results gathered in order)."
+    def __init__(self, client=None): self.client = client
+    def map(self, fn, *its) -> list:
+        its = [list(o) for o in its]
+        if not its or not its[0]: return []
+        if self.client is None: return list(map(fn, *its))
+        return self.client.gather(self.client.map(fn, *its, pure=False))
+
+def _list_files(src, tasks:_Tasks, storage_options=None, chunk:int=1000) -> list:
+    "(name, size, mtime_ns) of every file to index, in `get_dicom_files` order: each subfolder of `src` is listed by one task."
+    if not isinstance(src, (str, os.PathLike)) and not _is_remote(src):   # a list of files
+        return [s for ss in tasks.map(partial(_stat_all, storage_options=storage_options), _chunks(list(src), chunk)) for s in ss]
+    top, dirs = _top_level(src, storage_options)
+    return _stat_all(top, storage_options) + [s for ss in tasks.map(partial(_list_tree, storage_options=storage_options), dirs) for s in ss]
+
+def _index_part(files, force=False, frames=False, storage_options=None) -> list:
+    "The index rows of one partition of (name, size, mtime_ns): one Dask task."
+    return [r for fn,_,_ in files for r in _index_one(fn, force, frames, storage_options)]
+
+# %% ../nbs/00_core.ipynb #b7e13035
+def _pyarrow():
+    try: import pyarrow as pa, pyarrow.parquet as pq
+    except ImportError: raise ImportError('writing an index to Parquet needs pyarrow: pip install "fastdcm[scale]"') from None
+    return pa, pq
+
+def _as_text(v):
+    "A value as index text: several values joined by backslashes, as DICOM writes them (PS3.5 6.4)."
+    if v is None: return None
+    if isinstance(v, (list, tuple)): return '\\'.join('' if o is None else str(o) for o in v)
+    return str(v)
+
+def _column_order(names, first) -> list:
+    return list(first) + [c for c in names if c not in (*first, 'error', *_STAT_COLUMNS)] + ['error', *_STAT_COLUMNS]
+
+def _arrow_table(rows, first):
+    "A pyarrow Table of index rows; a column whose values Arrow can't hold in one type (numbers and text) is kept as text."
+    pa, _ = _pyarrow()
+    names = _column_order(dict.fromkeys(k for r in rows for k in r), first)
+    cols = []
+    for c in names:
+        vals = [r.get(c) for r in rows]
+        try: cols.append(pa.array(vals))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError): cols.append(pa.array([_as_text(v) for v in vals], pa.string()))
+    return pa.table(cols, names=names)
+
+def _common_type(types):
+    "The Arrow type that holds every type in `types`: equal stays, integers and floats -> float64, lists by their values, anything else -> text."
+    pa, _ = _pyarrow()
+    types = [t for t in types if not pa.types.is_null(t)]
+    if not types: return pa.null()
+    if all(t==types[0] for t in types): return types[0]
+    if all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in types): return pa.float64()
+    if all(pa.types.is_list(t) for t in types): return pa.list_(_common_type([t.value_type for t in types]))
+    return pa.string()
+
+def _unify(schemas, first):
+    "One schema for every part of a dataset, so any reader sees all columns with one type each."
+    pa, _ = _pyarrow()
+    types = {}
+    for s in schemas:
+        for f in s: types.setdefault(f.name, []).append(f.type)
+    return pa.schema([pa.field(n, _common_type(types[n])) for n in _column_order(types, first)])
+
+def _conform(table, schema):
+    "`table` with `schema`'s columns, order and types (missing columns null)."
+    pa, _ = _pyarrow()
+    cols = []
+    for f in schema:
+        if f.name not in table.column_names: cols.append(pa.nulls(len(table), f.type))
+        elif table.schema.field(f.name).type==f.type: cols.append(table.column(f.name))
+        elif pa.types.is_string(f.type): cols.append(pa.array([_as_text(v) for v in table.column(f.name).to_pylist()], pa.string()))
+        else: cols.append(table.column(f.name).cast(f.type))
+    return pa.table(cols, schema=schema)
+
+_TMP = '.fastdcm-tmp'
+
+def _write_table(table, path:Path):
+    "Write a Parquet file atomically: a reader sees the old file or the new one, never half of one."
+    _, pq = _pyarrow()
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}{_TMP}')
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
+
+def _write_part(files, path, first, force=False, frames=False, storage_options=None):
+    "Index one partition of (name, size, mtime_ns) and write it as Parquet at `path` (one Dask task): returns its schema."
+    rows = [{**r, 'file_size': size, 'file_mtime_ns': mt} for fn,size,mt in files for r in _index_one(fn, force, frames, storage_options)]
+    table = _arrow_table(rows, first)
+    _write_table(table, Path(path))
+    return table.schema
+
+def _part_stats(path) -> set:
+    "(name, size, mtime_ns) of the files a part holds rows of."
+    _, pq = _pyarrow()
+    t = pq.read_table(path, columns=['fname', *_STAT_COLUMNS]).to_pydict()
+    return set(zip(t['fname'], t['file_size'], t['file_mtime_ns']))
+
+def _finish_part(src, dst, drop, schema):
+    "Rewrite part `src` as `dst` without the rows of files in `drop`, with `schema`; nothing is left when no row is: returns the rows kept."
+    pa, pq = _pyarrow()
+    src, dst, drop = Path(src), Path(dst), set(drop)
+    t = pq.read_table(src)
+    if drop: t = t.filter(pa.array([f not in drop for f in t.column('fname').to_pylist()], pa.bool_()))
+    if len(t): _write_table(_conform(t, schema), dst)
+    if src!=dst or not len(t): src.unlink()
+    return len(t)
+
+_INDEX_SETTINGS = '_fastdcm_index.json'   # '_' and '.' files are not data to Parquet readers
+
+def _index_to(src, to, tasks, force, frames, storage_options, partition_size):
+    "`index_dicoms(..., to=)`: index what is new or changed into the Parquet dataset `to`, part by part."
+    import json
+    pa, pq = _pyarrow()
+    if _is_remote(to): raise ValueError(f'to={to!r}: write the index to a local or shared folder (a path), not a URL')
+    to = Path(to); to.mkdir(parents=True, exist_ok=True)
+    settings = {'force': force, 'frames': frames}
+    sf = to/_INDEX_SETTINGS
+    if sf.exists() and (old := json.loads(sf.read_text()))!=settings:
+        raise ValueError(f'{to} was indexed with {old}, not {settings}: index into another folder')
+    for p in to.glob(f'.*{_TMP}'): p.unlink()                          # left by a killed run
+    for p in to.glob('.part-*.parquet'): p.unlink()
     first = ['fname', 'frame'] if frames else ['fname']
-    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=first+['error'])
-    cols = first + [c for c in df.columns if c not in (*first, 'error')] + ['error']
-    return df[cols]
+    files = _list_files(src, tasks, storage_options, partition_size)
+    current = {n: (s, m) for n,s,m in files}
+    parts = sorted(to.glob('part-*.parquet'))
+    held = tasks.map(_part_stats, parts)
+    fresh = {n for st in held for n,s,m in st if s is not None and current.get(n)==(s, m)}
+    drops = [{n for n,_,_ in st} - fresh for st in held]
+    todo = [f for f in files if f[0] not in fresh]
+    run = 1 + max((int(p.name.split('-')[1]) for p in parts), default=-1)
+    new = [to/f'.part-{run:04d}-{i:05d}.parquet' for i in range(-(-len(todo)//partition_size))]
+    schemas = tasks.map(partial(_write_part, first=first, force=force, frames=frames, storage_options=storage_options),
+                        _chunks(todo, partition_size), new)
+    part_schemas = [pq.read_schema(p) for p in parts]                  # footers only
+    schema = _unify([*(s for s,st,d in zip(part_schemas, held, drops) if d!={n for n,_,_ in st}), *schemas], first)
+    finish = partial(_finish_part, schema=schema)
+    # stale rows go first, new rows appear after: a run killed in between re-reads the missing files next time
+    redo = [(p, p, d) for p,d,s in zip(parts, drops, part_schemas) if d or s!=schema]
+    if redo: tasks.map(finish, *map(list, zip(*redo)))
+    redo = [(p, p.with_name(p.name[1:]), ()) for p,s in zip(new, schemas) if s!=schema]
+    if redo: tasks.map(finish, *map(list, zip(*redo)))
+    for p,s in zip(new, schemas):
+        if s==schema: os.replace(p, p.with_name(p.name[1:]))
+    if not sf.exists(): _write_table_json(sf, settings)
+    n_rows = sum(pq.read_metadata(p).num_rows for p in to.glob('part-*.parquet'))
+    return {'path': to, 'files': len(files), 'read': len(todo), 'kept': len(fresh),
+            'removed': len({n for st in held for n,_,_ in st} - set(current)), 'rows': n_rows}
+
+def _write_table_json(path:Path, obj):
+    import json
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}{_TMP}')
+    tmp.write_text(json.dumps(obj, sort_keys=True)); os.replace(tmp, path)

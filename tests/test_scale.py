@@ -1,0 +1,92 @@
+"""Scale-out (issue 11): `index_dicoms`, `convert` and `anonymize` as Dask tasks on a real two-process `LocalCluster`,
+and DICOM from object storage through fsspec against a real S3 server (moto) on the loopback interface.
+
+Everything here needs the `scale`/`cloud` extras (in `dev`); without them each test is skipped with the reason."""
+import os, shutil, hashlib
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, pydicom
+from pydicom.data import get_testdata_file
+from fastdcm.core import index_dicoms, get_dicom_files, dcmread
+import fastdcm.core as core
+
+distributed = pytest.importorskip('distributed', reason='needs the scale extra: pip install "fastdcm[scale]"')
+pytest.importorskip('pyarrow', reason='needs the scale extra: pip install "fastdcm[scale]"')
+
+@pytest.fixture(scope='module')
+def client():
+    "Two worker processes, one thread each, on the loopback interface only; closed when the module's tests are done."
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, host='127.0.0.1',
+                                  dashboard_address=None, worker_dashboard_address=None) as cluster, \
+         distributed.Client(cluster, timeout='60s') as c:
+        yield c
+
+def _archive(root, n=45):
+    "pydicom's own files (CT, MR, RT, SR, a truncated one...) in three site folders and the top level, plus a corrupt and an empty file."
+    test_dir = Path(get_testdata_file('CT_small.dcm')).parent
+    files = [p for p in sorted(test_dir.iterdir()) if p.is_file() and p.suffix.lower()=='.dcm'][:n]
+    for i,f in enumerate(files):
+        d = root if i%4==3 else root/f'site{i%4}'/'study'
+        d.mkdir(parents=True, exist_ok=True); shutil.copy(f, d/f.name)
+    (root/'site0'/'corrupt.dcm').write_bytes(b'DICM but not really' * 30)
+    (root/'site1'/'empty.dcm').write_bytes(b'')
+    return root
+
+def test_dask_index_equals_local_row_for_row(tmp_path, client):
+    arc = _archive(tmp_path/'arc')
+    local = index_dicoms(arc, progress=False, n_workers=0)
+    assert local.error.notna().sum() >= 2 and local.error.isna().sum() > 30      # errors are rows too
+    dask = index_dicoms(arc, client=client, partition_size=7)
+    pd.testing.assert_frame_equal(dask, local)
+    framed = index_dicoms(arc, client=client, partition_size=7, frames=True)
+    pd.testing.assert_frame_equal(framed, index_dicoms(arc, progress=False, n_workers=0, frames=True))
+    files = get_dicom_files(arc)
+    pd.testing.assert_frame_equal(index_dicoms(files, client=client, partition_size=5), index_dicoms(files, progress=False))
+
+def _read_sorted(idx):
+    return pd.read_parquet(idx).sort_values(['fname'], ignore_index=True)
+
+def test_dask_parquet_index_and_incremental_reindex(tmp_path, client):
+    arc = _archive(tmp_path/'arc')
+    idx, idx_local = tmp_path/'index.parquet', tmp_path/'local.parquet'
+    r = index_dicoms(arc, client=client, to=idx, partition_size=6)
+    n = len(get_dicom_files(arc))
+    assert (r['files'], r['read'], r['kept'], r['rows']) == (n, n, 0, n)
+    assert len(list(idx.glob('part-*.parquet'))) == -(-n//6)            # one part per task: no process held all rows
+    index_dicoms(arc, to=idx_local, partition_size=6)                    # the same without Dask
+    back, local = _read_sorted(idx), index_dicoms(arc, progress=False).sort_values('fname', ignore_index=True)
+    pd.testing.assert_frame_equal(back, _read_sorted(idx_local))
+    assert back.fname.tolist() == local.fname.tolist() and back.error.notna().tolist() == local.error.notna().tolist()
+    assert back.Modality.fillna('').tolist() == local.Modality.fillna('').tolist()
+    assert {'file_size', 'file_mtime_ns'} <= set(back.columns)
+    # change one file, remove one, add one; overwrite a fourth with zeros of the same size and time: read again it
+    # would become an error row, so an unchanged row for it proves it was not read
+    on_disk = [Path(f) for f in get_dicom_files(arc)]
+    good = [f for f in on_disk if pd.isna(back.set_index('fname').loc[str(f), 'error'])]
+    changed, gone, junk = good[1], good[4], good[9]
+    changed.write_bytes(Path(get_testdata_file('MR_small.dcm')).read_bytes())
+    gone.unlink()
+    added = arc/'site2'/'new.dcm'; shutil.copy(get_testdata_file('CT_small.dcm'), added)
+    st = junk.stat(); junk.write_bytes(b'\0' * st.st_size); os.utime(junk, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r2 = index_dicoms(arc, client=client, to=idx, partition_size=6)
+    assert (r2['files'], r2['read'], r2['kept'], r2['removed'], r2['rows']) == (n, 2, n-2, 1, n)
+    again = _read_sorted(idx).set_index('fname')
+    assert again.loc[str(changed), 'Modality'] == 'MR' and again.loc[str(added), 'Modality'] == 'CT'
+    assert str(gone) not in again.index
+    assert pd.isna(again.loc[str(junk), 'error']) and again.loc[str(junk), 'SOPInstanceUID'] == back.set_index('fname').loc[str(junk), 'SOPInstanceUID']
+    assert again.index.is_unique
+    # a third run changes nothing and reads nothing
+    r3 = index_dicoms(arc, client=client, to=idx, partition_size=6)
+    assert (r3['read'], r3['kept'], r3['rows']) == (0, n, n)
+    with pytest.raises(ValueError, match='indexed with'): index_dicoms(arc, to=idx, frames=True)
+
+def test_parquet_parts_share_one_schema(tmp_path):
+    "A column that is a number in one part and text in another is text in every part, so the folder reads as one table."
+    import pyarrow.parquet as pq
+    rows_a = [{'fname': 'a', 'X': 1, 'error': None}]
+    rows_b = [{'fname': 'b', 'X': 'one', 'Y': (1.5, 2), 'error': 'E'}]
+    ta, tb = core._arrow_table(rows_a, ['fname']), core._arrow_table(rows_b, ['fname'])
+    schema = core._unify([ta.schema, tb.schema], ['fname'])
+    assert str(schema.field('X').type) == 'string' and str(schema.field('Y').type) == 'list<item: double>'
+    for name,t in (('a', ta), ('b', tb)): core._write_table(core._conform(t, schema), tmp_path/f'part-{name}.parquet')
+    df = pd.read_parquet(tmp_path)
+    assert df.X.tolist() == ['1', 'one'] and list(df.columns) == ['fname', 'X', 'Y', 'error', 'file_size', 'file_mtime_ns']
