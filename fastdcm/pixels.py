@@ -19,7 +19,7 @@ from pydicom.pixels import apply_color_lut
 from pydicom.pixels.utils import get_expected_length
 from pydicom.encaps import parse_basic_offsets, parse_fragments, generate_frames
 from .core import (source_name, DicomError, NotDicomError, TruncatedDicomError, NoPixelDataError, PixelDataLengthError,
-                          UnsupportedTransferSyntaxError, BadWindowError, dcmread, _open_mapped)
+                          UnsupportedTransferSyntaxError, BadWindowError, dcmread, _open_mapped, _is_remote)
 
 # %% auto #0
 __all__ = ['VOI_FUNCTIONS', 'dicom_windows', 'STAGES', 'PixelDecodeError', 'MissingPixelDataError', 'n_frames', 'padding_range',
@@ -614,10 +614,11 @@ def _colour_bits(ds, arr):
 
 # %% ../nbs/01_pixels.ipynb #2b53e270
 def dicom_pixels(src, stage:str='modality', frame:int|None=None, window=None, pad_value:float|None=None,
-                 header:Dataset|None=None, out:np.ndarray|None=None) -> np.ndarray:
-    "Decode `src` (path, bytes or Dataset) to float32 pixels at `stage` ('stored', 'modality' or 'display') per PS3.3 C.11; `header`: `src`'s own `stop_before_pixels` Dataset, already read, so it isn't parsed again; `out`: a float32 array of the result's shape to write into (and return)."
+                 header:Dataset|None=None, out:np.ndarray|None=None, storage_options:dict|None=None) -> np.ndarray:
+    "Decode `src` (path, bytes or Dataset) to float32 pixels at `stage` ('stored', 'modality' or 'display') per PS3.3 C.11; an fsspec URL or `OpenFile` is fetched in one request (`storage_options` go to fsspec); `header`: `src`'s own `stop_before_pixels` Dataset, already read, so it isn't parsed again; `out`: a float32 array of the result's shape to write into (and return)."
     if stage not in STAGES: raise ValueError(f"stage must be one of {STAGES}, not {stage!r}")
     if header is not None: _check_header(src, header)
+    if _is_remote(src): src = dcmread(src, storage_options=storage_options)   # the object's bytes, then as any Dataset
     if out is not None and not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.writeable):
         raise TypeError(f'out must be a writeable float32 numpy array, not {type(out).__name__} {getattr(out, "dtype", "")}')
     try:
