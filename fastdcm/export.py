@@ -19,7 +19,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from fastprogress.fastprogress import progress_bar
-from .core import DicomError, NotDicomError, dcmread, get_dicom_files, header_dict, DICOM_EXTENSIONS
+from .core import DicomError, NotDicomError, dcmread, get_dicom_files, header_dict, DICOM_EXTENSIONS, _is_remote, _remote
+from pathlib import PurePosixPath
 from .pixels import dicom_pixels
 
 # %% auto #0
@@ -359,7 +360,22 @@ def deidentify(ds:Dataset, salt=None, descriptors:str='clean') -> Dataset:
     return ds
 
 # %% ../nbs/08_export.ipynb #a146bed6
-def _check_dirs(src, dst):
+def _check_remote_src(src, dst, storage_options):
+    "(src, root URL, dst) for a URL source: files are named relative to `root`; a `file://` source is checked like a path."
+    fs, path, _ = _remote(src, storage_options)
+    path = path.rstrip('/')
+    if not fs.exists(path): raise FileNotFoundError(f'{src}: no such file or folder')
+    root = path if fs.isdir(path) else path.rsplit('/', 1)[0]
+    if 'file' in ([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol): _check_dirs(path, dst)   # never inside the source
+    return src, fs.unstrip_protocol(root), Path(dst).resolve()
+
+def _jobs(files, root):
+    "(file, its path relative to `root`) for each source file: a `Path` for files on disk, a '/' path for URLs."
+    if isinstance(root, str): return [(f, PurePosixPath(f[len(root):].lstrip('/'))) for f in files]
+    return [(f, f.relative_to(root)) for f in files]
+
+def _check_dirs(src, dst, storage_options=None):
+    if _is_remote(src): return _check_remote_src(src, dst, storage_options)
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if not src.exists(): raise FileNotFoundError(f'{src}: no such file or folder')
     # a single file's folder is its source tree: converting `scans/a.dcm` into `scans/` or `scans/png` is refused too
@@ -390,7 +406,14 @@ def _watch_parent(main:int, every:float=0.2):
             threading.Event().wait(every)
     threading.Thread(target=watch, daemon=True, name='fastdcm-watch-parent').start()
 
-def _run_jobs(fn, jobs, workers, progress, desc):
+def _run_chunk(fn, jobs): return [fn(j) for j in jobs]
+
+def _run_jobs(fn, jobs, workers, progress, desc, client=None):
+    if client is not None and jobs:             # Dask tasks of a few jobs each, results in job order
+        n = max(1, len(client.scheduler_info().get('workers', {})))
+        size = max(1, min(64, len(jobs)//(n*4)))
+        futs = client.map(partial(_run_chunk, fn), [jobs[i:i+size] for i in range(0, len(jobs), size)], pure=False)
+        return [r for rs in client.gather(futs) for r in rs]
     if workers is None: workers = min(4, os.cpu_count() or 1) if len(jobs)>=32 else 0
     if workers<=1 or len(jobs)<2: it = map(fn, jobs)
     else:
@@ -448,10 +471,11 @@ def _summary(res, verb, dst, progress):
 # %% ../nbs/08_export.ipynb #5e65a8de
 _SOURCES = '.fastdcm-sources.jsonl'
 
-def _fingerprint(fn, key:bytes) -> str:
+def _fingerprint(fn, key:bytes, storage_options=None) -> str:
     "Keyed hash of the source file's bytes: tells whether an output was made from it, reveals nothing about it."
     h = hmac.new(key, b'source:', hashlib.sha256)
-    with open(fn, 'rb') as f:
+    if _is_remote(fn): fs, path, _ = _remote(fn, storage_options)
+    with (fs.open(path, 'rb') if _is_remote(fn) else open(fn, 'rb')) as f:
         for chunk in iter(lambda: f.read(1<<20), b''): h.update(chunk)
     return h.hexdigest()[:32]
 
@@ -484,9 +508,9 @@ def _settle(p, first, clash_reason):
     p.update(status='duplicate' if same else 'failed',
              reason=f"identical copy of {first['shown']}: written once" if same else clash_reason(first, p))
 
-def _run_export(jobs, plan, write, dst:Path, workers, progress, clash_reason):
-    "Plan every job, settle collisions and finished outputs, write the rest; returns the plans with their final status."
-    plans = sorted(_run_jobs(plan, jobs, workers, progress, 'plan'), key=lambda p: p['rel'])
+def _run_export(jobs, plan, write, dst:Path, workers, progress, clash_reason, client=None):
+    "Plan every job, settle collisions and finished outputs, write the rest (in this process, a pool, or Dask tasks on `client`); returns the plans with their final status."
+    plans = sorted(_run_jobs(plan, jobs, workers, progress, 'plan', client), key=lambda p: p['rel'])
     records, owner, todo = _read_sources(dst), {}, []
     is_done = lambda p: all(records.get(o)==p['fp'] and (dst/o).exists() for o in p['outs'])
     for p in plans:
@@ -500,7 +524,7 @@ def _run_export(jobs, plan, write, dst:Path, workers, progress, clash_reason):
     if held and owner and not set(held) & set(owner):
         raise ValueError(f'{dst} holds {len(held)} outputs of which this run would write none: they were made from another '
                          'source or with another salt; use another destination folder')
-    results = _run_jobs(write, [(p['fn'], p['outs'], p['fp']) for p in todo], workers, progress, 'write')
+    results = _run_jobs(write, [(p['fn'], p['outs'], p['fp']) for p in todo], workers, progress, 'write', client)
     for p,err in zip(todo, results): p.update(status='failed', reason=err) if err else p.update(status='done')
     for p in plans:                    # rivals: when the first in path order could not be written, the next one is
         winner = p if p.get('status') in ('done', 'skipped') else None
@@ -569,46 +593,47 @@ def output_names(fn, src, format:str='png16', anonymize:bool=False, salt=None, s
     key = resolve_salt(salt, salt_file)
     return [o.as_posix() for o in _outputs(dcmread(fn, stop_before_pixels=True), fn.relative_to(root), format, anonymize, key, fn)]
 
-def _plan_convert(job, fmt, anonymize, key, columns):
+def _plan_convert(job, fmt, anonymize, key, columns, storage_options=None):
     fn, rel = job
     p = {'fn': fn, 'rel': rel.as_posix(), 'shown': pseudonym(rel.as_posix(), key, n=12, kind='path') if anonymize else rel.as_posix()}
     try:
-        hdr = dcmread(fn, stop_before_pixels=True)
+        hdr = dcmread(fn, stop_before_pixels=True, storage_options=storage_options)
         outs = [o.as_posix() for o in _outputs(hdr, rel, fmt, anonymize, key, fn)]
         row = {'patient_key': patient_key(hdr, key), **({} if anonymize else {'src': rel.as_posix()}), **_header_row(hdr, columns)}
         rows = [{'fname': o, **({'frame': i} if len(outs)>1 else {}), **row} for i,o in enumerate(outs)]
-        return p | {'status': 'ok', 'outs': outs, 'rows': rows, 'fp': _fingerprint(fn, key), 'burned': burned_in_text(hdr)}
+        return p | {'status': 'ok', 'outs': outs, 'rows': rows, 'fp': _fingerprint(fn, key, storage_options), 'burned': burned_in_text(hdr)}
     except Exception as e:  # reported with its reason; the batch goes on
         return p | {'status': 'failed', 'reason': _reason(e, fn, anonymize)}
 
-def _write_convert(job, fmt, stage, anonymize, dst):
+def _write_convert(job, fmt, stage, anonymize, dst, storage_options=None):
     fn, outs, fp = job
     try:
-        hdr = dcmread(fn, stop_before_pixels=True)
-        x = dicom_pixels(fn, stage=stage)
+        hdr = dcmread(fn, stop_before_pixels=True, storage_options=storage_options)
+        x = dicom_pixels(fn, stage=stage, storage_options=storage_options)
         slope = float(hdr.get('RescaleSlope', 1) or 1)
         _write_outputs(dst, outs, fp, lambda i,o: write_converted(o, x if len(outs)==1 else x[i], fmt, stage, slope))
     except Exception as e: return _reason(e, fn, anonymize)
 
 def convert(src, dst, format:str='png16', stage:str='modality', anonymize:bool=False, salt=None, salt_file=None,
-            workers:int|None=None, progress:bool=True, columns=METADATA_COLUMNS, skip_burned_in:bool=False) -> dict:
-    "Convert every DICOM under `src` to lossless `format` files in `dst` plus `metadata.csv`; resumable, never writes in `src`."
+            workers:int|None=None, progress:bool=True, columns=METADATA_COLUMNS, skip_burned_in:bool=False, client=None,
+            storage_options:dict|None=None) -> dict:
+    "Convert every DICOM under `src` (a folder, a file or an fsspec URL) to lossless `format` files in `dst` plus `metadata.csv`; resumable, never writes in `src`; `client`: a `dask.distributed.Client` reading and writing in Dask tasks (same outputs)."
     if format not in FORMATS: raise ValueError(f"format must be one of {list(FORMATS)}, not {format!r}")
     if stage not in ('modality', 'display'): raise ValueError(f"stage must be 'modality' or 'display', not {stage!r}")
     dst_arg = dst
-    src, root, dst = _check_dirs(src, dst)
+    src, root, dst = _check_dirs(src, dst, storage_options)
     key = resolve_salt(salt, salt_file)
-    files = get_dicom_files(src)
+    files = get_dicom_files(src, storage_options=storage_options)
     dst.mkdir(parents=True, exist_ok=True)
     lock = _lock(dst)
     try:
         _clean_tmp(dst, root)
         _check_settings(dst, {'command': 'convert', 'format': format, 'stage': stage, 'anonymize': anonymize})
-        plan = partial(_plan_convert, fmt=format, anonymize=anonymize, key=key, columns=columns)
+        plan = partial(_plan_convert, fmt=format, anonymize=anonymize, key=key, columns=columns, storage_options=storage_options)
         if skip_burned_in: plan = partial(_skip_burned, plan)
-        write = partial(_write_convert, fmt=format, stage=stage, anonymize=anonymize, dst=dst)
-        plans = _run_export([(f, f.relative_to(root)) for f in files], plan, write, dst, workers, progress,
-                            lambda first, p: f"writes the same output ({p['outs'][0]}) as {first['shown']}: not written")
+        write = partial(_write_convert, fmt=format, stage=stage, anonymize=anonymize, dst=dst, storage_options=storage_options)
+        plans = _run_export(_jobs(files, root), plan, write, dst, workers, progress,
+                            lambda first, p: f"writes the same output ({p['outs'][0]}) as {first['shown']}: not written", client)
         df = pd.DataFrame([r for p in plans if p['status'] in ('done', 'skipped') for r in p['rows']])
         if len(df): df = df.sort_values('fname', kind='stable').reset_index(drop=True)
         _write_csv(dst/'metadata.csv', df)
@@ -623,45 +648,45 @@ def _skip_burned(plan, job):
     return p
 
 # %% ../nbs/08_export.ipynb #1add77d8
-def _plan_anonymize(job, key):
+def _plan_anonymize(job, key, storage_options=None):
     fn, rel = job
     p = {'fn': fn, 'rel': rel.as_posix(), 'shown': pseudonym(rel.as_posix(), key, n=12, kind='path')}
     try:
-        hdr = dcmread(fn, stop_before_pixels=True)
+        hdr = dcmread(fn, stop_before_pixels=True, storage_options=storage_options)
         sop = str(hdr.get('SOPInstanceUID', '') or '').strip()
         if not sop or 'SOPClassUID' not in hdr:
             raise NotDicomError(fn, 'no SOP Class / Instance UID (0008,0016/0018): not a complete DICOM instance')
         out = f'{patient_key(hdr, key)}/{pseudo_uid(sop, key)}.dcm'
-        return p | {'status': 'ok', 'outs': [out], 'fp': _fingerprint(fn, key), 'burned': burned_in_text(hdr)}
+        return p | {'status': 'ok', 'outs': [out], 'fp': _fingerprint(fn, key, storage_options), 'burned': burned_in_text(hdr)}
     except Exception as e:  # reported with its reason; the batch goes on
         return p | {'status': 'failed', 'reason': _reason(e, fn, True)}
 
-def _write_anonymize(job, key, descriptors, dst):
+def _write_anonymize(job, key, descriptors, dst, storage_options=None):
     fn, outs, fp = job
     try:
-        ds = deidentify(dcmread(fn), key, descriptors)
+        ds = deidentify(dcmread(fn, storage_options=storage_options), key, descriptors)
         _write_outputs(dst, outs, fp, lambda i,o: atomic_write(o, lambda p: ds.save_as(p, enforce_file_format=True)))  # Part 10: preamble, DICM, meta
     except Exception as e: return _reason(e, fn, True)
 
 def anonymize(src, dst, salt=None, workers:int|None=None, progress:bool=True, skip_burned_in:bool=False,
-              descriptors:str='clean', salt_file=None) -> dict:
-    "De-identify every DICOM under `src` into `dst` (PS3.15 Basic Profile, see `deidentify`); resumable, never writes in `src`."
+              descriptors:str='clean', salt_file=None, client=None, storage_options:dict|None=None) -> dict:
+    "De-identify every DICOM under `src` (a folder, a file or an fsspec URL) into `dst` (PS3.15 Basic Profile, see `deidentify`); resumable, never writes in `src`; `client`: a `dask.distributed.Client` doing the work in Dask tasks (same outputs)."
     _profile_rules(descriptors)                 # a bad option fails before any work
     dst_arg = dst
-    src, root, dst = _check_dirs(src, dst)
+    src, root, dst = _check_dirs(src, dst, storage_options)
     key = resolve_salt(salt, salt_file)
-    files = get_dicom_files(src)
+    files = get_dicom_files(src, storage_options=storage_options)
     dst.mkdir(parents=True, exist_ok=True)
     lock = _lock(dst)
     try:
         _clean_tmp(dst, root)
         _check_settings(dst, {'command': 'anonymize', 'profile': PROFILE_NAME, 'descriptors': descriptors})
-        plan = partial(_plan_anonymize, key=key)
+        plan = partial(_plan_anonymize, key=key, storage_options=storage_options)
         if skip_burned_in: plan = partial(_skip_burned, plan)
-        plans = _run_export([(f, f.relative_to(root)) for f in files], plan,
-                            partial(_write_anonymize, key=key, descriptors=descriptors, dst=dst), dst, workers, progress,
+        plans = _run_export(_jobs(files, root), plan,
+                            partial(_write_anonymize, key=key, descriptors=descriptors, dst=dst, storage_options=storage_options), dst, workers, progress,
                             lambda first, p: f"same SOP Instance UID (0008,0018) as {first['shown']} but other content: "
-                                             "two objects cannot share one UID, not written")
+                                             "two objects cannot share one UID, not written", client)
         res = _report(plans, dst, {'profile': f'{PROFILE_NAME}, descriptors {descriptors}'})
     finally: _unlock(lock)
     return _summary(res, 'anonymised', dst_arg, progress)

@@ -90,3 +90,43 @@ def test_parquet_parts_share_one_schema(tmp_path):
     for name,t in (('a', ta), ('b', tb)): core._write_table(core._conform(t, schema), tmp_path/f'part-{name}.parquet')
     df = pd.read_parquet(tmp_path)
     assert df.X.tolist() == ['1', 'one'] and list(df.columns) == ['fname', 'X', 'Y', 'error', 'file_size', 'file_mtime_ns']
+
+# ---- convert / anonymize as Dask tasks
+from fastdcm.export import convert, anonymize
+import sys; sys.path.insert(0, str(Path(__file__).parent))
+from test_export import make_tree, SALT
+
+def _tree_bytes(root):
+    "{relative path: bytes} of every file under `root` (hidden journal and settings included, the lock's empty file too)."
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob('*')) if p.is_file()}
+
+def test_dask_convert_and_anonymize_byte_identical(tmp_path, client):
+    src = make_tree(tmp_path/'src', corrupt=True)
+    for i in range(6): shutil.copy(next(src.rglob('IM0001')), src/'Smith_John'/'study1'/f'copy{i}.dcm')   # duplicates: settled once
+    before = _tree_bytes(src)
+    for fmt in ('png16', 'npy'):
+        a = convert(src, tmp_path/f'local_{fmt}', fmt, salt=SALT, progress=False, workers=0)
+        b = convert(src, tmp_path/f'dask_{fmt}', fmt, salt=SALT, progress=False, client=client)
+        assert a['failed'] and a == {**b, 'metadata': a['metadata']}                       # one failure report, the same
+        assert _tree_bytes(tmp_path/f'local_{fmt}') == _tree_bytes(tmp_path/f'dask_{fmt}')
+    a = convert(src, tmp_path/'anon_local', anonymize=True, salt=SALT, progress=False, workers=0)
+    b = convert(src, tmp_path/'anon_dask', anonymize=True, salt=SALT, progress=False, client=client)
+    assert _tree_bytes(tmp_path/'anon_local') == _tree_bytes(tmp_path/'anon_dask')
+    a = anonymize(src, tmp_path/'dcm_local', salt=SALT, progress=False, workers=0)
+    b = anonymize(src, tmp_path/'dcm_dask', salt=SALT, progress=False, client=client)
+    assert a == b and a['done'] == 6 and a['failed']
+    assert _tree_bytes(tmp_path/'dcm_local') == _tree_bytes(tmp_path/'dcm_dask')
+    assert _tree_bytes(src) == before                                                      # the source never written
+
+def test_dask_convert_resumes(tmp_path, client):
+    "A run cut short (outputs removed, a half-written temporary file left) is finished by a Dask run: only the missing outputs are written."
+    src = make_tree(tmp_path/'src')
+    convert(src, tmp_path/'ref', salt=SALT, progress=False, workers=0)
+    out = tmp_path/'out'
+    convert(src, out, salt=SALT, progress=False, client=client)
+    pngs = sorted(out.rglob('*.png'))
+    for p in pngs[:3]: p.unlink()
+    (pngs[4].parent/f'.{pngs[4].name}.999.fastdcm-tmp').write_bytes(b'half')             # a worker killed mid-write
+    r = convert(src, out, salt=SALT, progress=False, client=client)
+    assert (r['done'], r['skipped'], r['failed']) == (3, 3, [])
+    assert _tree_bytes(out) == _tree_bytes(tmp_path/'ref')
