@@ -9,34 +9,31 @@
 
 For each: the epoch's wall time (`learn.fit(1)`: training and validation, a fresh model; best of `--rounds`) and a
 data-only pass over the same two loaders (batch transforms included; best of 2 after a warm-up pass that also fills
-(c)'s cache); the data share is their ratio. Goal (issue 13): (a) no slower than (b), data
-share of (a) under 10%. Loaders use `num_workers=0` (the same for all; the machine has 2 cores). Not run in CI.
+(c)'s cache); the data share is their ratio. Each variant runs in its own process (so (b) and (d) run without
+fastdcm imported). Wall and CPU seconds of that process are both printed; shares and ratios use CPU seconds, which
+other work on a shared machine disturbs less than wall time (`--threads 1` steadies them further: two torch threads
+on a contended 2-core machine spin). Goal (issue 13): (a) no slower than (b), data share of (a) under 10%. Loaders
+use `num_workers=0` (the same for all; the machine has 2 cores). Not run in CI.
 
 The default is small enough for a few minutes on 2 CPU cores; the issue's run is
 
     python bench/epoch.py --n 128 --size 512 --px 224      # 128 CT files of 512 x 512, trained at 224 px, bs 16
     python bench/epoch.py                                   # default: 48 files of 256 x 256 at 96 px
 """
-import argparse, contextlib, shutil, tempfile, time, warnings
+import argparse, contextlib, json, shutil, subprocess, sys, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image
 from fastai.vision.all import (DataBlock, ImageBlock, CategoryBlock, ColReader, RandomSplitter, Resize, aug_transforms,
                                ImageDataLoaders, resnet18, set_seed, accuracy)
-from fastai.medical.imaging import PILDicom
-import fastdcm.pixels as pixels
-from fastdcm import backend
-from fastdcm.synth import synth_dicom
-from fastdcm.transforms import DicomBlock, DicomResize
-from fastdcm.data import DicomColReader, PatientSplitter
-from fastdcm.augment import Window, dicom_aug_transforms
-from fastdcm.cache import DecodeCache
-from fastdcm.learner import vision_learner
+# fastdcm is imported only where a variant uses it: each variant runs in its own process, so (b) and (d) are fastai
+# as users run it without fastdcm (importing fastdcm changes what fastai.medical's PILDicom batches are)
 
 WINDOWS = ['lungs', 'mediastinum', 'auto']
 
 def make_files(folder, n, size):
     "n CT files (a nodule in every other one: the label), 4 per patient."
+    from fastdcm.synth import synth_dicom
     rows = []
     for i in range(n):
         finding = bool(i % 2)
@@ -46,10 +43,11 @@ def make_files(folder, n, size):
 
 def export_png8(df, folder):
     "8-bit PNGs of the files (window 'auto' = the file's own min..max at the display stage), as many pipelines do before training."
+    from fastdcm.pixels import dicom_pixels
     out = df.copy()
     names = []
     for fn in df.fname:
-        x = pixels.dicom_pixels(fn, 'display')
+        x = dicom_pixels(fn, 'display')
         p = folder/(Path(fn).stem + '.png')
         Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)).save(p)
         names.append(str(p))
@@ -59,6 +57,8 @@ def export_png8(df, folder):
 @contextlib.contextmanager
 def backend_switched(on:bool):
     "Run with the compiled backend reading the files (`on`) or not, whether or not `fastdcm.pixels` is wired to it yet."
+    import fastdcm.pixels as pixels
+    from fastdcm import backend
     orig_load, orig_backend = pixels._load, backend.load
     try:
         if not on: backend.load = lambda *a, **k: None   # the backend declines everything: pydicom's path
@@ -73,6 +73,9 @@ def backend_switched(on:bool):
     finally: pixels._load, backend.load = orig_load, orig_backend
 
 def fastdcm_dls(df, px, bs, seed, cache=None):
+    from fastdcm.transforms import DicomBlock, DicomResize
+    from fastdcm.data import DicomColReader, PatientSplitter
+    from fastdcm.augment import Window, dicom_aug_transforms
     dblock = DataBlock(blocks=(DicomBlock(cache=cache), CategoryBlock), get_x=DicomColReader('fname'), get_y=ColReader('label'),
                        splitter=PatientSplitter(0.25, seed=seed), item_tfms=DicomResize(px),
                        batch_tfms=[Window(WINDOWS), *dicom_aug_transforms()])
@@ -80,6 +83,7 @@ def fastdcm_dls(df, px, bs, seed, cache=None):
 
 def fastai_medical_dls(df, px, bs, seed):
     "fastai's medical imaging tutorial: `ImageBlock(cls=PILDicom)`, then vision's `Resize` and `aug_transforms`."
+    from fastai.medical.imaging import PILDicom
     dblock = DataBlock(blocks=(ImageBlock(cls=PILDicom), CategoryBlock), get_x=ColReader('fname'), get_y=ColReader('label'),
                        splitter=RandomSplitter(0.25, seed=seed), item_tfms=Resize(px), batch_tfms=aug_transforms(size=px))
     return dblock.dataloaders(df, bs=bs, num_workers=0)
@@ -88,53 +92,76 @@ def png_dls(df, px, bs, seed):
     return ImageDataLoaders.from_df(df, path='/', fn_col='fname', label_col='label', valid_pct=0.25, seed=seed, item_tfms=Resize(px),
                                     batch_tfms=aug_transforms(size=px), bs=bs, num_workers=0)
 
-def data_pass(dls):
-    "Seconds to draw every batch of the training and validation loaders (decode, item and batch transforms)."
-    t0 = time.perf_counter()
-    for dl in (dls.train, dls.valid):
-        for _ in dl: pass
-    return time.perf_counter() - t0
+def _timed(f):
+    "(wall seconds, CPU seconds of this process) that `f()` takes: on a shared machine the CPU time is the steadier figure."
+    w0, c0 = time.perf_counter(), time.process_time()
+    f()
+    return time.perf_counter() - w0, time.process_time() - c0
 
-def epoch(dls, seed):
-    "Seconds for one epoch (`fit(1)`: training and validation) of a fresh resnet18."
+def data_pass(dls):
+    "(wall, CPU) seconds to draw every batch of the training and validation loaders (decode, item and batch transforms)."
+    def run():
+        for dl in (dls.train, dls.valid):
+            for _ in dl: pass
+    return _timed(run)
+
+def epoch(dls, seed, vision_learner):
+    "(wall, CPU) seconds for one epoch (`fit(1)`: training and validation) of a fresh resnet18."
     set_seed(seed, reproducible=True)
     n_in = dls.one_batch()[0].shape[1]
     learn = vision_learner(dls, resnet18, pretrained=False, n_in=n_in, metrics=accuracy)
-    with learn.no_bar(), learn.no_logging():
-        t0 = time.perf_counter()
-        learn.fit(1, 1e-3)
-        return time.perf_counter() - t0
+    with learn.no_bar(), learn.no_logging(): return _timed(lambda: learn.fit(1, 1e-3))
 
-def main(n=48, size=256, px=96, bs=16, seed=0, rounds=1):
+VARIANTS = {'a': '(a)  fastdcm, pydicom decode', 'a+': '(a+) fastdcm, compiled backend', 'b': '(b)  fastai.medical PILDicom',
+            'c': '(c)  fastdcm, DecodeCache warm', 'd': '(d)  8-bit PNG, ImageDataLoaders'}
+
+def run_variant(v, folder, px, bs, seed, rounds):
+    "Time variant `v` on the files in `folder` (this process); returns ((epoch wall, CPU), (data pass wall, CPU))."
+    folder = Path(folder)
+    df, png = pd.read_csv(folder/'dcm.csv'), pd.read_csv(folder/'png.csv')
+    if v in ('b', 'd'): from fastai.vision.all import vision_learner
+    else: from fastdcm.learner import vision_learner
+    with backend_switched(v == 'a+') if v in ('a', 'a+', 'c') else contextlib.nullcontext(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        if v == 'b': dls = fastai_medical_dls(df, px, bs, seed)
+        elif v == 'd': dls = png_dls(png, px, bs, seed)
+        else:
+            from fastdcm.cache import DecodeCache
+            dls = fastdcm_dls(df, px, bs, seed, cache=DecodeCache(folder/'cache') if v == 'c' else None)
+        data_pass(dls)   # one-time costs out of the way (and (c)'s cache filled): the timed passes find it warm
+        t_data = min((data_pass(dls) for _ in range(2)), key=lambda t: t[1])
+        t_epoch = min((epoch(dls, seed, vision_learner) for _ in range(rounds)), key=lambda t: t[1])
+    return t_epoch, t_data
+
+def main(n=48, size=256, px=96, bs=16, seed=0, rounds=1, threads=None):
+    from fastdcm import backend
     folder = Path(tempfile.mkdtemp(prefix='fastdcm_epoch_'))
     try:
-        print(f'{n} CT files of {size} x {size}, trained at {px} px, bs {bs}, CPU, {torch.get_num_threads()} torch threads, '
-              f'num_workers=0; epoch: best of {rounds}, data-only pass: best of 2 after a warm-up pass')
         (folder/'dcm').mkdir(); (folder/'png').mkdir()
         df = make_files(folder/'dcm', n, size)
-        png = export_png8(df, folder/'png')
+        export_png8(df, folder/'png').to_csv(folder/'png.csv', index=False)
+        df.to_csv(folder/'dcm.csv', index=False)
         for fn in df.fname: Path(fn).read_bytes()   # warm the OS cache
-        cache = DecodeCache(folder/'cache')
-        runs = [('(a)  fastdcm, pydicom decode', lambda: fastdcm_dls(df, px, bs, seed), False)]
-        if backend.available(): runs.append(('(a+) fastdcm, compiled backend', lambda: fastdcm_dls(df, px, bs, seed), True))
-        runs += [('(b)  fastai.medical PILDicom', lambda: fastai_medical_dls(df, px, bs, seed), False),
-                 ('(c)  fastdcm, DecodeCache warm', lambda: fastdcm_dls(df, px, bs, seed, cache=cache), False),
-                 ('(d)  8-bit PNG, ImageDataLoaders', lambda: png_dls(png, px, bs, seed), False)]
+        print(f'{n} CT files of {size} x {size}, trained at {px} px, bs {bs}, CPU, torch threads: {threads or "default"}, '
+              f'num_workers=0, each loader in its own process; epoch: best of {rounds}; data-only pass: best of 2 after a '
+              f'warm-up pass', flush=True)
         res = {}
-        for name, make, fast in runs:
-            with backend_switched(fast), warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                dls = make()
-                data_pass(dls)   # one-time costs out of the way (and (c)'s cache filled): the timed passes find it warm
-                t_data = min(data_pass(dls) for _ in range(2))
-                t_epoch = min(epoch(dls, seed) for _ in range(rounds))
-            res[name] = (t_epoch, t_data)
-            print(f'{name:34s} epoch {t_epoch:7.2f} s   data-only pass {t_data:6.2f} s   data share {t_data / t_epoch:6.1%}', flush=True)
-        a, b = res['(a)  fastdcm, pydicom decode'], res['(b)  fastai.medical PILDicom']
-        print(f'(a) epoch / (b) epoch: {a[0] / b[0]:.2f} (goal <= 1); (a) data share {a[1] / a[0]:.1%} (goal < 10%)')
-        if '(a+) fastdcm, compiled backend' in res:
-            f = res['(a+) fastdcm, compiled backend']
-            print(f'(a+) epoch / (b) epoch: {f[0] / b[0]:.2f}; (a+) data share {f[1] / f[0]:.1%}; data pass (a)/(a+): {a[1] / f[1]:.2f}x')
+        for v, name in VARIANTS.items():
+            if v == 'a+' and not backend.available(): continue
+            cmd = [sys.executable, __file__, '--variant', v, '--folder', str(folder), '--px', str(px), '--bs', str(bs),
+                   '--seed', str(seed), '--rounds', str(rounds)] + (['--threads', str(threads)] if threads else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode: sys.exit(f'{name} failed:\n{out.stderr[-3000:]}')
+            res[v] = json.loads(out.stdout.strip().splitlines()[-1])
+            (ew, ec), (dw, dc) = res[v]
+            print(f'{name:34s} epoch {ew:7.2f} s wall {ec:7.2f} s CPU   data-only pass {dw:6.2f} s wall {dc:6.2f} s CPU   '
+                  f'data share {dc / ec:6.1%} (CPU)', flush=True)
+        share = lambda v: res[v][1][1] / res[v][0][1]
+        vs_b = lambda v: res[v][0][1] / res['b'][0][1]
+        print(f'CPU time: (a) epoch / (b) epoch {vs_b("a"):.2f} (goal <= 1); (a) data share {share("a"):.1%} (goal < 10%)')
+        if 'a+' in res:
+            print(f'CPU time: (a+) epoch / (b) epoch {vs_b("a+"):.2f}; (a+) data share {share("a+"):.1%}; '
+                  f'data pass (a) / (a+) {res["a"][1][1] / res["a+"][1][1]:.2f}x')
     finally: shutil.rmtree(folder, ignore_errors=True)
 
 if __name__ == '__main__':
@@ -145,5 +172,10 @@ if __name__ == '__main__':
     p.add_argument('--bs', type=int, default=16)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--rounds', type=int, default=1, help='epochs timed per loader (the best is printed)')
+    p.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's); 1 gives steadier CPU times on a shared machine")
+    p.add_argument('--variant', choices=list(VARIANTS), help=argparse.SUPPRESS)   # internal: time one variant on --folder
+    p.add_argument('--folder', help=argparse.SUPPRESS)
     a = p.parse_args()
-    main(a.n, a.size, a.px, a.bs, a.seed, a.rounds)
+    if a.threads: torch.set_num_threads(a.threads)
+    if a.variant: print(json.dumps(run_variant(a.variant, a.folder, a.px, a.bs, a.seed, a.rounds)))
+    else: main(a.n, a.size, a.px, a.bs, a.seed, a.rounds, a.threads)
