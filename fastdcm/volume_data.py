@@ -227,9 +227,8 @@ def _rotation(angles):
     rz = torch.stack([cz, -sz, z, sz, cz, z, z, z, o], -1).view(-1, 3, 3)
     return rz @ ry @ rx
 
-def volume_affines(n:int, shape, spacing=(1., 1., 1.), p_flip:float=0.5, max_rotate:float=10., max_scale:float=0.1,
-                   p_affine:float=0.75, device=None) -> torch.Tensor:
-    "`n` random `F.affine_grid` matrices (n, 3, 4) for volumes of `shape` (D, H, W): per-axis flips, and with probability `p_affine` a rotation (degrees) and an isotropic zoom, in millimetres."
+def _draw_affines(n, shape, spacing, p_flip, max_rotate, max_scale, p_affine, device):
+    "Per-item draws: `F.affine_grid` matrices (n, 3, 4), whether each item is rotated/zoomed, and its flips (n, 3; x, y, z)."
     d = torch.device(device or 'cpu')
     # affine_grid's coordinates are (x, y, z) = (W, H, D), each in [-1, 1] (align_corners=True): half extents in mm
     half = torch.tensor([(s-1)/2*sp for s, sp in zip(shape[::-1], tuple(spacing)[::-1])], dtype=torch.float32, device=d).clamp_min(1e-6)
@@ -238,7 +237,12 @@ def volume_affines(n:int, shape, spacing=(1., 1., 1.), p_flip:float=0.5, max_rot
     zoom = 1 + (torch.rand(n, 1, 1, device=d)*2 - 1) * max_scale * on[..., None]
     flip = torch.where(torch.rand(n, 3, device=d) < p_flip, -1., 1.)
     m = torch.diag_embed(1/half) @ (_rotation(ang) / zoom) @ torch.diag_embed(half) @ torch.diag_embed(flip)   # normalised -> mm -> rotate/zoom -> normalised
-    return torch.cat([m, torch.zeros(n, 3, 1, device=d)], -1)
+    return torch.cat([m, torch.zeros(n, 3, 1, device=d)], -1), on[:, 0] > 0, flip
+
+def volume_affines(n:int, shape, spacing=(1., 1., 1.), p_flip:float=0.5, max_rotate:float=10., max_scale:float=0.1,
+                   p_affine:float=0.75, device=None) -> torch.Tensor:
+    "`n` random `F.affine_grid` matrices (n, 3, 4) for volumes of `shape` (D, H, W): per-axis flips, and with probability `p_affine` a rotation (degrees) and an isotropic zoom, in millimetres."
+    return _draw_affines(n, shape, spacing, p_flip, max_rotate, max_scale, p_affine, device)[0]
 
 class VolumeAffine(RandTransform):
     "Batch transform on the batch's device: per-axis flips, small rotations and zooms, one affine per item, the same for the volume (trilinear) and its mask (nearest)."
@@ -252,17 +256,24 @@ class VolumeAffine(RandTransform):
         items = b if isinstance(b, (tuple, list)) else (b,)
         x = next(o for o in items if isinstance(o, (TensorVolume, TensorMask3D)))
         shape = x.shape[-3:]
-        self.theta = volume_affines(x.shape[0], shape, _geometry(x)['spacing'], self.p_flip, self.max_rotate, self.max_scale,
-                                    self.p_affine, x.device)
-        self.grid = F.affine_grid(self.theta, (x.shape[0], 1, *shape), align_corners=True)
+        self.theta, on, self.flips = _draw_affines(x.shape[0], shape, _geometry(x)['spacing'], self.p_flip, self.max_rotate,
+                                                   self.max_scale, self.p_affine, x.device)
+        # items with only flips are flipped exactly (no interpolation, no grid); the others share one grid_sample
+        self.moved, self.flipped = torch.nonzero(on)[:, 0], torch.nonzero(~on)[:, 0].tolist()
+        self.grid = (F.affine_grid(self.theta[self.moved], (len(self.moved), 1, *shape), align_corners=True)
+                     if len(self.moved) else None)
+    def _apply(self, t, mode):
+        out = torch.empty_like(t)
+        for i in self.flipped:
+            dims = [t.ndim - 2 - a for a in range(3) if self.flips[i, a] < 0]   # (x, y, z) -> last, second last, third last
+            out[i] = t[i].flip(dims) if dims else t[i]
+        if self.grid is not None:
+            out[self.moved] = F.grid_sample(t[self.moved], self.grid, mode=mode, padding_mode=self.pad_mode, align_corners=True)
+        return out
     def encodes(self, x:TensorVolume):
-        out = F.grid_sample(x.as_subclass(torch.Tensor).float(), self.grid.to(x.dtype if x.is_floating_point() else torch.float32),
-                            mode='bilinear', padding_mode=self.pad_mode, align_corners=True)   # 5-D bilinear: trilinear
-        return _like(out, x)
+        return _like(self._apply(x.as_subclass(torch.Tensor).float(), 'bilinear'), x)   # 5-D bilinear: trilinear
     def encodes(self, x:TensorMask3D):
-        out = F.grid_sample(x.as_subclass(torch.Tensor)[:, None].float(), self.grid, mode='nearest', padding_mode=self.pad_mode,
-                            align_corners=True)
-        return _like(out[:, 0].round().long(), x)
+        return _like(self._apply(x.as_subclass(torch.Tensor)[:, None].float(), 'nearest')[:, 0].round().long(), x)
 
 class VolumeIntensity(RandTransform):
     "Batch transform: per-item intensity scale, shift and Gaussian noise in modality units (HU for CT), on the batch's device."
@@ -277,7 +288,8 @@ class VolumeIntensity(RandTransform):
         on = (torch.rand(shape, device=t.device) < self.p_item).to(t.dtype)
         scale = 1 + on*(torch.rand(shape, device=t.device)*2 - 1)*self.max_scale
         shift = on*(torch.rand(shape, device=t.device)*2 - 1)*self.max_shift
-        return _like(torch.addcmul(shift, t, scale) + on*self.noise_std*torch.randn_like(t), x)
+        out = torch.randn_like(t).mul_(on*self.noise_std)    # one new tensor: noise, then + t*scale + shift in place
+        return _like(out.addcmul_(t, scale).add_(shift), x)
 
 def aug_volume_transforms(p_flip:float=0.5, max_rotate:float=10., max_scale:float=0.1, p_affine:float=0.75,
                           max_intensity_scale:float=0.05, max_shift:float=20., noise_std:float=10., p_intensity:float=0.5) -> list:
