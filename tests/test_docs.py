@@ -65,6 +65,9 @@ def check_page(page, url:str, site:Path, base:str) -> list:
     errors, problems = [], []
     page.on('pageerror', lambda e: errors.append(f'JS error: {e}'))
     page.on('console', lambda m: errors.append(f'console {m.type}: {m.text}') if m.type == 'error' else None)
+    # nothing leaves the machine: a page that fetches fonts, scripts or API data from the internet is a defect here
+    page.on('request', lambda q: errors.append(f'request outside the site: {q.url}')
+            if not q.url.startswith((base, 'data:', 'blob:', 'about:')) else None)
     resp = page.goto(url, wait_until='load')
     if resp is None or not resp.ok: problems.append(f'{url}: HTTP {resp.status if resp else "no response"}')
     page.wait_for_timeout(150)   # late script errors
@@ -175,7 +178,7 @@ def test_checks_catch_broken_pages(site, browser, tmp_path):
     html = (bad/'cli.html').read_text()
     inject = ('<p>#| hide</p><img src="figures/nope.png" alt="gone"><a href="no_such_page.html">x</a>'
               '<a href="core.html#no-such-anchor">y</a><div style="width:3000px">wide</div>'
-              '<script>throw new Error("boom")</script>')
+              '<script>throw new Error("boom")</script><img src="https://example.invalid/x.png" alt="remote">')
     (bad/'cli.html').write_text(html.replace('</article>', inject + '</article>', 1))
     srv = Server(bad)
     try:
@@ -183,7 +186,8 @@ def test_checks_catch_broken_pages(site, browser, tmp_path):
         problems = '\n'.join(check_page(ctx.new_page(), srv.url + 'cli.html', bad, srv.url))
         ctx.close()
     finally: srv.close()
-    for what in ('raw directive text', 'image does not load', 'broken link', 'missing anchor', 'overflows', 'boom'):
+    for what in ('raw directive text', 'image does not load', 'broken link', 'missing anchor', 'overflows', 'boom',
+                 'request outside the site'):
         assert what in problems, (what, problems)
     core = (bad/'core.html').read_text()
     (bad/'core.html').write_text(core.replace('id="dcmread"', 'id="dcmread-gone"'))
