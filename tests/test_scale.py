@@ -130,3 +130,102 @@ def test_dask_convert_resumes(tmp_path, client):
     r = convert(src, out, salt=SALT, progress=False, client=client)
     assert (r['done'], r['skipped'], r['failed']) == (3, 3, [])
     assert _tree_bytes(out) == _tree_bytes(tmp_path/'ref')
+
+# ---- object storage: a real S3-protocol server (moto) on the loopback interface
+@pytest.fixture(scope='module')
+def s3():
+    "moto's S3 server on 127.0.0.1 (a free port), and the storage options that reach it; stopped after the module."
+    pytest.importorskip('s3fs', reason='needs the cloud extra: pip install "fastdcm[cloud]"')
+    server_mod = pytest.importorskip('moto.server', reason='needs moto[server] (in the dev extra)')
+    server = server_mod.ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    so = {'key': 'testing', 'secret': 'testing', 'client_kwargs': {'endpoint_url': f'http://{host}:{port}', 'region_name': 'eu-west-1'},
+          'skip_instance_cache': True}
+    import s3fs
+    fs = s3fs.S3FileSystem(**so); fs.mkdir('scans')
+    yield fs, so
+    server.stop()
+
+def _ct(fn, seed, long_private=0, size=512):
+    "A CT with `size`^2 pixels (most of the file) and optionally a private OB element of `long_private` bytes before Patient ID and Rows."
+    ds = pydicom.dcmread(get_testdata_file('CT_small.dcm'))
+    ds.Rows = ds.Columns = size
+    ds.PixelData = np.random.default_rng(seed).integers(-1000, 2000, (size, size)).astype(np.int16).tobytes()
+    ds.PatientID, ds.SOPInstanceUID = f'P{seed%3}', pydicom.uid.generate_uid(entropy_srcs=[str(seed)])
+    if long_private:
+        ds.add_new(0x00090010, 'LO', 'FASTDCM TEST')
+        ds.add_new(0x00091010, 'OB', bytes(long_private))
+    Path(fn).parent.mkdir(parents=True, exist_ok=True); ds.save_as(fn, enforce_file_format=True)
+    return Path(fn)
+
+@pytest.fixture(scope='module')
+def s3_archive(s3, tmp_path_factory):
+    "The same archive on disk and in the bucket: 6 CTs of 512x512 in two patient folders, one with a 100 KB private element in its header."
+    fs, so = s3
+    local = tmp_path_factory.mktemp('s3src')/'arc'
+    for i in range(6): _ct(local/f'pat{i%2}'/f'im{i}.dcm', i, long_private=100_000 if i==3 else 0)
+    fs.put(str(local), 'scans/arc', recursive=True)
+    return local, 's3://scans/arc', so
+
+def _count_ranged(monkeypatch):
+    "Count the bytes s3fs fetches through ranged reads of open objects."
+    import s3fs.core
+    seen = []
+    orig = s3fs.core.S3File._fetch_range
+    def counting(self, start, end):
+        seen.append((self.path, start, end)); return orig(self, start, end)
+    monkeypatch.setattr(s3fs.core.S3File, '_fetch_range', counting)
+    return seen
+
+def test_s3_listing_and_header_index_with_ranged_reads(s3_archive, monkeypatch):
+    local, url, so = s3_archive
+    urls = get_dicom_files(url, storage_options=so)
+    assert [u.split('/arc/')[1] for u in urls] == [p.relative_to(local).as_posix() for p in get_dicom_files(local)]
+    seen = _count_ranged(monkeypatch)
+    remote = index_dicoms(url, storage_options=so, progress=False, n_workers=0)
+    here = index_dicoms(local, progress=False, n_workers=0)
+    pd.testing.assert_frame_equal(remote.drop(columns='fname'), here.drop(columns='fname'))
+    assert remote.error.isna().all() and remote.PatientID.tolist() == here.PatientID.tolist()   # read past the 100 KB element
+    total = sum(p.stat().st_size for p in local.rglob('*.dcm'))
+    read = sum(e-s for _,s,e in seen)
+    assert {p for p,_,_ in seen} == {u[len('s3://'):] for u in urls}       # every object's header was read...
+    assert read < total/4, (read, total)                                  # ...not the objects (each 512 KB of pixels)
+    for u in urls:                                                        # a short header: one block, or two at most
+        if not u.endswith('im3.dcm'): assert sum(e-s for p,s,e in seen if p==u[len('s3://'):]) <= 2*core.HEADER_BLOCK
+    long = [e-s for p,s,e in seen if p.endswith('im3.dcm')]
+    assert sum(long) > 100_000 and len(long) > 1                          # the long header: extended, block by block
+
+def test_s3_pixels_convert_and_dask(s3_archive, client, tmp_path):
+    local, url, so = s3_archive
+    urls = get_dicom_files(url, storage_options=so)
+    from fastdcm.pixels import dicom_pixels
+    np.testing.assert_array_equal(dicom_pixels(urls[0], storage_options=so), dicom_pixels(get_dicom_files(local)[0]))
+    with pytest.raises(FileNotFoundError, match='nothere.dcm'): dcmread(url + '/nothere.dcm', storage_options=so)
+    # convert from the bucket = convert from the disk, byte for byte (the source names are the same relative paths)
+    convert(url, tmp_path/'from_s3', salt=SALT, progress=False, storage_options=so)
+    convert(local, tmp_path/'from_disk', salt=SALT, progress=False, workers=0)
+    assert _tree_bytes(tmp_path/'from_s3') == _tree_bytes(tmp_path/'from_disk')
+    # Dask workers read the bucket too, with the storage options handed to them
+    pd.testing.assert_frame_equal(index_dicoms(url, client=client, storage_options=so, partition_size=2),
+                                  index_dicoms(url, storage_options=so, progress=False))
+
+def test_s3_train_one_batch(s3_archive, monkeypatch):
+    "A DicomBlock reads s3:// URLs with the credentials from fsspec's configuration (as a user sets them), and a learner trains on them."
+    fastai_vision = pytest.importorskip('fastai.vision.all')
+    import fsspec, torch
+    local, url, so = s3_archive
+    monkeypatch.setitem(fsspec.config.conf, 's3', {k: v for k,v in so.items() if k != 'skip_instance_cache'})
+    from fastdcm.transforms import DicomBlock
+    from fastai.vision.all import DataBlock, CategoryBlock, ColReader, RandomSplitter, Learner, nn, CrossEntropyLossFlat
+    df = index_dicoms(url, progress=False, storage_options=so)
+    df['label'] = df.PatientID
+    dls = DataBlock(blocks=(DicomBlock(), CategoryBlock), get_x=ColReader('fname'), get_y=ColReader('label'),
+                    splitter=RandomSplitter(0.34, seed=0)).dataloaders(df, bs=2, num_workers=0)
+    xb, yb = dls.one_batch()
+    assert xb.shape == (2, 1, 512, 512)
+    assert torch.isfinite(xb).all() and float(xb.abs().max()) > 100
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(64, dls.c))
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
+    learn.fit(1, lr=1e-3)
+    assert np.isfinite(learn.recorder.values[-1][0])
