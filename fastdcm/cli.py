@@ -224,8 +224,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_anonymize)
     s = sub.add_parser('demo', help='train the synthetic demo', description='Train a small model on synthetic DICOMs (fastdcm.learner.run_demo) and print its metrics.',
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument('--out', default='demo_out', help='output folder'); s.add_argument('--epochs', type=int, default=None)
-    s.add_argument('--n-patients', type=int, default=None); s.add_argument('--seed', type=int, default=None)
+    # the same defaults as fastdcm.learner.run_demo (a test keeps them equal): --help shows them without importing fastai
+    s.add_argument('--out', default='demo_out', help='output folder'); s.add_argument('--epochs', type=int, default=4, help='training epochs')
+    s.add_argument('--n-patients', type=int, default=64, help='synthetic patients (4 images each)')
+    s.add_argument('--seed', type=int, default=42, help='seed of the data, the split and the weights')
     s.add_argument('--pretrained', action='store_true', help='start from ImageNet weights (needs network)')
     s.set_defaults(func=cmd_demo)
     return p

@@ -1,5 +1,5 @@
 "The `fastdcm` console script, run for real in subprocesses: help, index, info, show, convert (kill + resume), anonymize."
-import os, sys, signal, subprocess, time, types
+import os, re, sys, signal, subprocess, time, types
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, PIL.Image
 from pydicom.data import get_testdata_file
@@ -181,10 +181,10 @@ def test_demo_passes_arguments(tmp_path, monkeypatch, capsys):
     fake.run_demo = lambda **kw: calls.append(kw) or {'accuracy': 0.9, 'valid_loss': 0.3}
     monkeypatch.setitem(sys.modules, 'fastdcm.learner', fake)
     assert cli.main(['demo', '--out', str(tmp_path/'d'), '--epochs', '2', '--seed', '7']) == 0
-    assert calls == [{'out': str(tmp_path/'d'), 'epochs': 2, 'seed': 7, 'pretrained': False, 'verbose': True}]
+    assert calls == [{'out': str(tmp_path/'d'), 'epochs': 2, 'n_patients': 64, 'seed': 7, 'pretrained': False, 'verbose': True}]
     assert 'accuracy' not in capsys.readouterr().out     # run_demo says the metrics; the command doesn't repeat them
     cli.main(['demo', '--pretrained'])
-    assert calls[-1] == {'out': 'demo_out', 'pretrained': True, 'verbose': True}
+    assert calls[-1] == {'out': 'demo_out', 'epochs': 4, 'n_patients': 64, 'seed': 42, 'pretrained': True, 'verbose': True}
 
 def test_demo_real(tmp_path):
     "The real `fastdcm demo`, as small as it goes (needs fastdcm.learner; no network: pretrained stays off)."
@@ -241,7 +241,14 @@ def test_named_window_imports_no_torch(tmp_path):
     assert r.returncode == 0 and r.stdout.strip().endswith('[]'), r.stdout + r.stderr
 
 def test_demo_help_shows_defaults():
-    assert 'default: demo_out' in run('demo', '--help').stdout
+    import inspect
+    out = ' '.join(run('demo', '--help').stdout.split())
+    pytest.importorskip('fastdcm.learner')
+    from fastdcm.learner import run_demo
+    sig = inspect.signature(run_demo).parameters
+    options = out.split('options:')[1]
+    for opt, arg in [('out', 'out'), ('epochs', 'epochs'), ('n-patients', 'n_patients'), ('seed', 'seed')]:
+        assert re.search(rf'--{opt} \S+ [^-]*?\(default: {sig[arg].default}\)', options), (opt, options)   # same as run_demo's
 
 def test_any_failure_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     "Whatever a file provokes inside pydicom/PIL (TypeError, NotImplementedError, ...): one line with the file, exit 1"
