@@ -9,12 +9,13 @@ from pydicom.data import get_testdata_file
 from fastdcm.core import index_dicoms, get_dicom_files, dcmread
 import fastdcm.core as core
 
-distributed = pytest.importorskip('distributed', reason='needs the scale extra: pip install "fastdcm[scale]"')
-pytest.importorskip('pyarrow', reason='needs the scale extra: pip install "fastdcm[scale]"')
+def _need(mod, extra):
+    return pytest.importorskip(mod, reason=f'needs the {extra} extra: pip install "fastdcm[{extra}]"')
 
 @pytest.fixture(scope='module')
 def client():
     "Two worker processes, one thread each, on the loopback interface only; closed when the module's tests are done."
+    distributed = _need('distributed', 'scale'); _need('pyarrow', 'scale')
     with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, host='127.0.0.1',
                                   dashboard_address=None, worker_dashboard_address=None) as cluster, \
          distributed.Client(cluster, timeout='60s') as c:
@@ -81,7 +82,7 @@ def test_dask_parquet_index_and_incremental_reindex(tmp_path, client):
 
 def test_parquet_parts_share_one_schema(tmp_path):
     "A column that is a number in one part and text in another is text in every part, so the folder reads as one table."
-    import pyarrow.parquet as pq
+    _need('pyarrow', 'scale')
     rows_a = [{'fname': 'a', 'X': 1, 'error': None}]
     rows_b = [{'fname': 'b', 'X': 'one', 'Y': (1.5, 2), 'error': 'E'}]
     ta, tb = core._arrow_table(rows_a, ['fname']), core._arrow_table(rows_b, ['fname'])
@@ -135,13 +136,12 @@ def test_dask_convert_resumes(tmp_path, client):
 @pytest.fixture(scope='module')
 def s3():
     "moto's S3 server on 127.0.0.1 (a free port), and the storage options that reach it; stopped after the module."
-    pytest.importorskip('s3fs', reason='needs the cloud extra: pip install "fastdcm[cloud]"')
+    _need('s3fs', 'cloud')
     server_mod = pytest.importorskip('moto.server', reason='needs moto[server] (in the dev extra)')
     server = server_mod.ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    so = {'key': 'testing', 'secret': 'testing', 'client_kwargs': {'endpoint_url': f'http://{host}:{port}', 'region_name': 'eu-west-1'},
-          'skip_instance_cache': True}
+    so = {'key': 'testing', 'secret': 'testing', 'client_kwargs': {'endpoint_url': f'http://{host}:{port}', 'region_name': 'eu-west-1'}}
     import s3fs
     fs = s3fs.S3FileSystem(**so); fs.mkdir('scans')
     yield fs, so
@@ -215,7 +215,7 @@ def test_s3_train_one_batch(s3_archive, monkeypatch):
     fastai_vision = pytest.importorskip('fastai.vision.all')
     import fsspec, torch
     local, url, so = s3_archive
-    monkeypatch.setitem(fsspec.config.conf, 's3', {k: v for k,v in so.items() if k != 'skip_instance_cache'})
+    monkeypatch.setitem(fsspec.config.conf, 's3', so)
     from fastdcm.transforms import DicomBlock
     from fastai.vision.all import DataBlock, CategoryBlock, ColReader, RandomSplitter, Learner, nn, CrossEntropyLossFlat
     df = index_dicoms(url, progress=False, storage_options=so)
