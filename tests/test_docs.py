@@ -207,3 +207,12 @@ def test_package_docs_list_every_module():
     for m in mods:
         assert f'- `fastdcm.{m}`: ' in fastdcm.__doc__, m
         assert f'[fastdcm.{m}](https://fastdcm.github.io/fastdcm/{m}.html.md): ' in llms, m
+
+def test_page_descriptions_complete(site):
+    "Each module page opens with its notebook's whole description (nbdev's frontmatter kept only a wrapped one's first line)"
+    import html, pkgutil, fastdcm
+    for m in (m.name for m in pkgutil.iter_modules(fastdcm.__path__) if not m.name.startswith('_')):
+        summ = ' '.join(importlib.import_module(f'fastdcm.{m}').__doc__.split('\n\n')[0].split()).replace('`', '')
+        page = (site/f'{m}.html').read_text()
+        quote = re.search(r'<blockquote>\s*<p>(.*?)</p>', page, re.S)
+        assert quote and ' '.join(html.unescape(re.sub(r'<[^>]+>', '', quote[1])).split()) == summ, (m, quote and quote[1], summ)
