@@ -132,6 +132,27 @@ def test_dask_convert_resumes(tmp_path, client):
     assert (r['done'], r['skipped'], r['failed']) == (3, 3, [])
     assert _tree_bytes(out) == _tree_bytes(tmp_path/'ref')
 
+def test_dask_convert_survives_a_killed_worker(tmp_path, client):
+    "A worker process killed (SIGKILL) while writing: Dask reruns its tasks elsewhere, and the outputs are the same bytes."
+    import signal, threading, time
+    src = tmp_path/'src'
+    for i in range(40): _ct(src/f'pat{i%4}'/f'im{i:02d}.dcm', i, size=256)
+    convert(src, tmp_path/'ref', salt=SALT, progress=False, workers=0)
+    out, res, killed = tmp_path/'out', {}, []
+    run = threading.Thread(target=lambda: res.update(convert(src, out, salt=SALT, progress=False, client=client)))
+    pids = client.run(os.getpid)
+    run.start()
+    for _ in range(3000):                                          # at the first output written, kill a worker
+        if any(out.rglob('*.png')) or not run.is_alive(): break
+        time.sleep(0.005)
+    if run.is_alive(): os.kill(next(iter(pids.values())), signal.SIGKILL); killed.append(True)
+    run.join(120)
+    assert killed, 'the run ended before a worker could be killed'
+    if not res or res['failed']: res = convert(src, out, salt=SALT, progress=False, client=client)   # resume if Dask gave up
+    assert (res['done'] + res['skipped'], res['failed']) == (40, [])
+    assert _tree_bytes(out) == _tree_bytes(tmp_path/'ref')
+    client.wait_for_workers(2, timeout=60)                        # the nanny restarts it for the tests that follow
+
 # ---- object storage: a real S3-protocol server (moto) on the loopback interface
 @pytest.fixture(scope='module')
 def s3():
