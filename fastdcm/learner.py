@@ -19,6 +19,7 @@ from fastai.data.block import DataBlock, CategoryBlock
 from fastai.vision.core import imagenet_stats
 from fastai.vision import learner as _fv
 from fastai.vision.models import resnet18
+from fastai.vision.augment import Resize
 from fastai.metrics import accuracy, RocAucBinary
 from fastai.interpret import ClassificationInterpretation
 from fastai.callback.core import Callback
@@ -164,7 +165,7 @@ def _savefig(fn, fig=None):
 
 def run_demo(out='demo_out', n_patients:int=64, images_per_patient:int=4, epochs:int=4, size:int=64, bs:int=16,
              lr:float=5e-3, pretrained:bool=False, seed:int=42, valid_pct:float=0.25, windows=('auto',),
-             stage:str='display', arch=resnet18, verbose:bool=True) -> dict:
+             stage:str='modality', arch=resnet18, verbose:bool=True) -> dict:
     "Write a synthetic labelled study set to `out`, train a classifier split by patient, save pictures, return metrics."
     import matplotlib
     if matplotlib.get_backend().lower() not in ('agg', 'module://matplotlib_inline.backend_inline'): matplotlib.use('Agg')
@@ -178,8 +179,9 @@ def run_demo(out='demo_out', n_patients:int=64, images_per_patient:int=4, epochs
     dblock = DataBlock(blocks=(DicomBlock(stage=stage), CategoryBlock),
                        get_x=DicomColReader('fname'), get_y=ColReader('label'),
                        splitter=PatientSplitter(valid_pct, seed=seed),
-                       item_tfms=DicomResize(size),
-                       batch_tfms=[Window(list(windows)), *dicom_aug_transforms(max_scale=0, max_shift=0, max_noise=0)])
+                       item_tfms=Resize(size),
+                       # no left-right flips: anatomy has a side (a heart on the right is a finding, not an augmentation)
+                       batch_tfms=[Window(list(windows)), *dicom_aug_transforms(max_scale=0, max_shift=0, max_noise=0, do_flip=False)])
     dls = dblock.dataloaders(df, bs=bs, num_workers=0)
     leaks = check_leakage(dls)
     n_trn, n_val = len(dls.train_ds), len(dls.valid_ds)
