@@ -9,6 +9,7 @@ Modules:
 - `fastdcm.cli`: The `fastdcm` command: index a folder, look inside a file, render it, convert to lossless 16-bit, anonymise, demo.
 - `fastdcm.core`: Reading and finding DICOM files: typed errors, a `dcmread` whose `force` works, file discovery, and a header DataFrame.
 - `fastdcm.data`: Patient-level splitters, a leakage check, and `DicomDataLoaders` that feel like `ImageDataLoaders`.
+- `fastdcm.distributed`: Training on several processes with fastai's `distrib_ctx`, on GPUs (NCCL) or on CPUs (gloo), with a validation loss that is the real one.
 - `fastdcm.docs`: Build this documentation site: nbdev's own notebook processing (directives, hidden cells, `show_doc` for every export) rendered to static HTML by mkdocs-material, and the export processor that names each module's public API.
 - `fastdcm.export`: Get the pixels out of DICOM for deep learning without losing bits or leaking patients: lossless 16-bit PNG/TIFF/npy with the exact value mapping kept, pseudonymous names and keys, and DICOM-to-DICOM de-identification (PS3.15).
 - `fastdcm.learner`: `vision_learner` / `unet_learner` that take the channels and the normalisation from the DICOM batch, and `run_demo`.

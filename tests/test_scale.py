@@ -250,3 +250,45 @@ def test_s3_train_one_batch(s3_archive, monkeypatch):
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
     learn.fit(1, lr=1e-3)
     assert np.isfinite(learn.recorder.values[-1][0])
+
+# ---- training on two processes (gloo, CPU) with fastdcm.distributed
+_TRAIN = '''
+import os, sys, json, hashlib, torch
+from pathlib import Path
+from fastai.vision.all import *
+from fastdcm.core import index_dicoms
+from fastdcm.data import DicomDataLoaders
+from fastdcm.distributed import distrib_ctx
+torch.manual_seed(0)
+df = index_dicoms(sys.argv[1], progress=False, n_workers=0)
+df['label'] = df.PatientID.map(lambda p: int(p[1:]) % 2)
+dls = DicomDataLoaders.from_df(df, valid_pct=0.2, seed=42, bs=4, num_workers=0, device='cpu')
+valid = sorted(Path(f).name for f in dls.valid.items.fname)
+model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 2))   # HU in, logits of order 1 out
+learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
+with distrib_ctx(learn): learn.fit(1, 1e-3)
+print('RESULT', json.dumps({'rank': int(os.environ['RANK']), 'valid': valid, 'values': [list(map(float, v)) for v in learn.recorder.values],
+                            'validate': float(learn.validate()[0])}), flush=True)
+'''
+
+def test_two_process_training_on_cpu(tmp_path):
+    "torchrun with 2 CPU processes (gloo): both ranks use the same patient split, the fit ends with finite losses, and the reported validation loss is the one a single process computes with the same weights."
+    pytest.importorskip('accelerate', reason='multi-process training needs accelerate (in the dev extra)')
+    import subprocess, sys, json, socket
+    for i in range(15):                          # 5 patients of 3 images: the one valid patient's 3 don't split in 2
+        _ct(tmp_path/'data'/f'pat{i%5}'/f'im{i:02d}.dcm', i, size=32)
+        ds = pydicom.dcmread(tmp_path/'data'/f'pat{i%5}'/f'im{i:02d}.dcm'); ds.PatientID = f'P{i % 5}'; ds.save_as(ds.filename)
+    (tmp_path/'train.py').write_text(_TRAIN)
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
+                        '--master_port', str(port), str(tmp_path/'train.py'), str(tmp_path/'data')],
+                       capture_output=True, text=True, timeout=240, env=env)
+    res = [json.loads(l.split('RESULT ', 1)[1]) for l in p.stdout.splitlines() if 'RESULT ' in l]
+    assert p.returncode == 0 and len(res) == 2, p.stderr[-3000:]
+    a, b = sorted(res, key=lambda r: r['rank'])
+    assert a['valid'] == b['valid'] and len(a['valid']) == 3                             # one split for every rank
+    assert a['values'] == b['values'] and all(np.isfinite(v) for v in a['values'][-1])
+    assert a['validate'] > 0.01                                                          # a loss that can tell
+    assert a['values'][-1][1] == pytest.approx(a['validate'], rel=1e-5)                 # the real validation loss
+    assert b['validate'] == pytest.approx(a['validate'], rel=1e-6)
