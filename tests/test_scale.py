@@ -267,8 +267,9 @@ valid = sorted(Path(f).name for f in dls.valid.items.fname)
 model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 2))   # HU in, logits of order 1 out
 learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
 with distrib_ctx(learn): learn.fit(1, 1e-3)
-print('RESULT', json.dumps({'rank': int(os.environ['RANK']), 'valid': valid, 'values': [list(map(float, v)) for v in learn.recorder.values],
-                            'validate': float(learn.validate()[0])}), flush=True)
+res = {'rank': int(os.environ['RANK']), 'valid': valid, 'values': [list(map(float, v)) for v in learn.recorder.values],
+       'validate': float(learn.validate()[0])}
+Path(sys.argv[2], f"rank{os.environ['RANK']}.json").write_text(json.dumps(res))   # not stdout: progress bars interleave there
 '''
 
 def test_two_process_training_on_cpu(tmp_path):
@@ -282,9 +283,9 @@ def test_two_process_training_on_cpu(tmp_path):
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
-                        '--master_port', str(port), str(tmp_path/'train.py'), str(tmp_path/'data')],
+                        '--master_port', str(port), str(tmp_path/'train.py'), str(tmp_path/'data'), str(tmp_path)],
                        capture_output=True, text=True, timeout=240, env=env)
-    res = [json.loads(l.split('RESULT ', 1)[1]) for l in p.stdout.splitlines() if 'RESULT ' in l]
+    res = [json.loads(f.read_text()) for f in sorted(tmp_path.glob('rank*.json'))]
     assert p.returncode == 0 and len(res) == 2, p.stderr[-3000:]
     a, b = sorted(res, key=lambda r: r['rank'])
     assert a['valid'] == b['valid'] and len(a['valid']) == 3                             # one split for every rank
