@@ -6,9 +6,11 @@ item), intensity scale/shift/noise in HU.
 - batch       : fastdcm.volume_data, one call of `VolumeAffine` + `VolumeIntensity` on the (4, 1, 64, 128, 128) batch
                 and its (4, 64, 128, 128) mask: one `F.affine_grid`, one trilinear and one nearest `F.grid_sample`.
 - item/fastdcm: the same transforms called once per item (batches of 1): what batching itself buys.
-- item/scipy  : the classic per-item CPU path (as TorchIO/fastMONAI-style pipelines do it with SimpleITK): per item,
-                `scipy.ndimage.affine_transform` (order 1 image, order 0 mask) with the same kind of affine, then
-                intensity in numpy. The anchor.
+- item/monai  : the anchor: MONAI's dictionary transforms per item, as a MONAI/fastMONAI pipeline runs them in its
+                data loader (RandFlipd on each axis, RandAffined with bilinear image / nearest label,
+                RandScaleIntensityd, RandShiftIntensityd, RandGaussianNoised), same ranges, all applied (prob 1).
+- item/scipy  : per item, `scipy.ndimage.affine_transform` (order 1 image, order 0 mask) with the same kind of
+                affine, then intensity in numpy: a lean hand-written per-item CPU path.
 
 Each figure is the best of `--repeats` runs, all measured in this one run; with --runs N the whole comparison is
 repeated N times and the spread of the ratios printed. Prints seconds and ratios.
@@ -60,6 +62,21 @@ def per_item_scipy(x, m):
         out_x[i, 0] = out_x[i, 0]*rng.uniform(0.95, 1.05) + rng.uniform(-20, 20) + rng.normal(0, 10, shape).astype(np.float32)
     return out_x, out_m
 
+def monai_item_pipeline(device):
+    "MONAI's per-item dictionary transforms with the same ranges as the batch transforms (None when MONAI is missing)."
+    try: from monai import transforms as mt
+    except ImportError: return None
+    k = ['image', 'label']
+    return mt.Compose([*[mt.RandFlipd(k, prob=0.5, spatial_axis=a) for a in range(3)],
+                       mt.RandAffined(k, prob=1., rotate_range=[math.radians(10)]*3, scale_range=[0.1]*3, mode=['bilinear', 'nearest'],
+                                      padding_mode='border', device=torch.device(device)),
+                       mt.RandScaleIntensityd('image', factors=0.05, prob=1.), mt.RandShiftIntensityd('image', offsets=20., prob=1.),
+                       mt.RandGaussianNoised('image', std=10., prob=1.)])
+
+def per_item_monai(x, m, pipe):
+    outs = [pipe({'image': x[i].as_subclass(torch.Tensor), 'label': m[i:i+1].as_subclass(torch.Tensor).float()}) for i in range(x.shape[0])]
+    return torch.stack([torch.as_tensor(o['image']) for o in outs]), torch.stack([torch.as_tensor(o['label']) for o in outs])
+
 def best(f, repeats, device):
     ts = []
     for _ in range(repeats):
@@ -78,16 +95,19 @@ def main():
     x, m = make_batch(a.n, tuple(a.shape), a.device)
     tfms = [VolumeAffine(p_flip=0.5, max_rotate=10., max_scale=0.1, p_affine=1.), VolumeIntensity(p=1.)]
     batch_aug(x, m, tfms)   # warm-up
-    r_item, r_scipy = [], []
+    pipe = monai_item_pipeline(a.device)
+    if pipe is not None: per_item_monai(x, m, pipe)   # warm-up
+    ratios = {'item/monai': [], 'item/fastdcm': [], 'item/scipy': []}
     for run in range(a.runs):
         tb = best(lambda: batch_aug(x, m, tfms), a.repeats, a.device)
-        ti = best(lambda: per_item_fastdcm(x, m, tfms), a.repeats, a.device)
-        ts = best(lambda: per_item_scipy(x, m), a.repeats, a.device)
-        r_item.append(ti/tb); r_scipy.append(ts/tb)
-        print(f'run {run+1}: batch {tb:.3f} s | item/fastdcm {ti:.3f} s ({ti/tb:.2f}x) | item/scipy {ts:.3f} s ({ts/tb:.2f}x)'
+        ts = {'item/fastdcm': best(lambda: per_item_fastdcm(x, m, tfms), a.repeats, a.device)}
+        if pipe is not None: ts['item/monai'] = best(lambda: per_item_monai(x, m, pipe), a.repeats, a.device)
+        if a.device == 'cpu': ts['item/scipy'] = best(lambda: per_item_scipy(x, m), a.repeats, a.device)
+        for k, t in ts.items(): ratios[k].append(t/tb)
+        print(f'run {run+1}: batch {tb:.3f} s | ' + ' | '.join(f'{k} {t:.3f} s ({t/tb:.2f}x)' for k, t in ts.items()) +
               f'  [{a.n} x 1 x {" x ".join(map(str, a.shape))}, {a.device}, {torch.get_num_threads()} threads]')
     if a.runs > 1:
-        print(f'ratio batch vs item/scipy: min {min(r_scipy):.2f}x, median {np.median(r_scipy):.2f}x, max {max(r_scipy):.2f}x; '
-              f'vs item/fastdcm: min {min(r_item):.2f}x, median {np.median(r_item):.2f}x, max {max(r_item):.2f}x')
+        print('ratio of batch over ' + '; '.join(f'{k}: min {min(r):.2f}x, median {np.median(r):.2f}x, max {max(r):.2f}x'
+                                                for k, r in ratios.items() if r))
 
 if __name__ == '__main__': main()
