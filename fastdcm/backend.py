@@ -26,13 +26,15 @@ def available() -> bool:
     "Whether the compiled reader is installed (`pip install fastdcm[fast]` brings dicomsdl)."
     return _sdl is not None
 
-# %% ../nbs/01a_backend.ipynb #088984ee
+# %% ../nbs/01a_backend.ipynb #b11d1005
+# the attributes the pixel pipeline reads from a classic image: `load`'s header carries those the file has
 HEADER_KEYWORDS = ('SpecificCharacterSet', 'ImageType', 'SOPClassUID', 'Modality', 'SliceThickness',
     'StudyInstanceUID', 'SeriesInstanceUID', 'SeriesNumber', 'InstanceNumber', 'ImagePositionPatient',
     'ImageOrientationPatient', 'SamplesPerPixel', 'PhotometricInterpretation', 'NumberOfFrames', 'Rows', 'Columns',
     'PixelSpacing', 'BitsAllocated', 'BitsStored', 'HighBit', 'PixelRepresentation', 'PixelPaddingValue',
     'PixelPaddingRangeLimit', 'WindowCenter', 'WindowWidth', 'RescaleIntercept', 'RescaleSlope', 'RescaleType',
     'WindowCenterWidthExplanation', 'VOILUTFunction', 'PresentationLUTShape')
+# attributes whose presence leaves the file to pydicom (`load` returns None)
 DECLINE_KEYWORDS = ('ModalityLUTSequence', 'VOILUTSequence', 'PresentationLUTSequence', 'SharedFunctionalGroupsSequence',
     'PerFrameFunctionalGroupsSequence', 'RedPaletteColorLookupTableDescriptor', 'SegmentedRedPaletteColorLookupTableData',
     'FloatPixelData', 'DoubleFloatPixelData')
