@@ -293,3 +293,18 @@ def test_two_process_training_on_cpu(tmp_path):
     assert a['validate'] > 0.01                                                          # a loss that can tell
     assert a['values'][-1][1] == pytest.approx(a['validate'], rel=1e-5)                 # the real validation loss
     assert b['validate'] == pytest.approx(a['validate'], rel=1e-6)
+
+@pytest.mark.xfail(strict=True, raises=(FileNotFoundError, Exception),
+                   reason="fastdcm.data._join turns Path('.')/'s3://b/k' into 's3:/b/k'; needs `if isinstance(fn, str) and "
+                          "fastdcm.core._is_remote(fn): return fn` (05_data.ipynb, not this helper's file)")
+def test_s3_dicom_dataloaders(s3_archive, monkeypatch):
+    "DicomDataLoaders.from_df on s3:// URLs (credentials from fsspec's configuration)."
+    import fsspec
+    local, url, so = s3_archive
+    monkeypatch.setitem(fsspec.config.conf, 's3', so)
+    from fastdcm.data import DicomDataLoaders
+    df = index_dicoms(url, progress=False, storage_options=so)
+    df['label'] = df.PatientID
+    dls = DicomDataLoaders.from_df(df, valid_pct=0.34, seed=0, bs=2, num_workers=0, device='cpu')
+    xb, yb = dls.one_batch()
+    assert xb.shape == (2, 1, 512, 512)
