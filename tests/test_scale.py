@@ -308,3 +308,11 @@ def test_s3_dicom_dataloaders(s3_archive, monkeypatch):
     dls = DicomDataLoaders.from_df(df, valid_pct=0.34, seed=0, bs=2, num_workers=0, device='cpu')
     xb, yb = dls.one_batch()
     assert xb.shape == (2, 1, 512, 512)
+
+def test_lower_layer_imports_no_scale_extra():
+    "core, pixels and export import Dask, fsspec, s3fs, accelerate (and fastai) only when a client or a URL is given."
+    import subprocess, sys
+    code = ("import sys, fastdcm.core, fastdcm.pixels, fastdcm.export; "
+            "print(sorted(m for m in ('dask', 'distributed', 'fsspec', 's3fs', 'accelerate', 'fastai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == '[]', out.stdout + out.stderr[-2000:]
