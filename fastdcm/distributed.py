@@ -1,6 +1,6 @@
 """Training on several processes with fastai's `distrib_ctx`, on GPUs (NCCL) or on CPUs (gloo), with a validation loss that is the real one.
 
-Public API: `ExactValidation`, `distrib_ctx`
+Public API: `ExactValidation`, `distrib_ctx`, `shared_seed`
 
 Docs: https://fastdcm.github.io/fastdcm/distributed.html.md"""
 
@@ -8,13 +8,13 @@ Docs: https://fastdcm.github.io/fastdcm/distributed.html.md"""
 
 # %% ../nbs/06a_distributed.ipynb #5e9199b4
 from __future__ import annotations
-import os, torch
+import os, random, torch
 from contextlib import contextmanager
 from fastai.basics import Callback
 from fastai.torch_core import to_detach, num_distrib, rank_distrib
 
 # %% auto #0
-__all__ = ['ExactValidation', 'distrib_ctx']
+__all__ = ['ExactValidation', 'distrib_ctx', 'shared_seed']
 
 # %% ../nbs/06a_distributed.ipynb #74762200
 def _fastai_distributed():
@@ -56,3 +56,14 @@ def distrib_ctx(learn, exact_valid:bool=True, **kwargs):
         try: yield learn
         finally:
             if cb is not None: learn.remove_cb(cb)
+
+# %% ../nbs/06a_distributed.ipynb #b7f996ee
+def shared_seed(seed:int|None=None) -> int|None:
+    "`seed`, or when None under `torchrun`, one random seed drawn by rank 0 and sent to every rank: pass it to the splitter so all ranks use one split."
+    if seed is not None or num_distrib() <= 1: return seed
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    dev = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
+    t = torch.tensor([random.randrange(2**31) if rank_distrib() == 0 else 0], device=dev)
+    torch.distributed.broadcast(t, 0)
+    return int(t.item())

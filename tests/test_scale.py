@@ -258,11 +258,11 @@ from pathlib import Path
 from fastai.vision.all import *
 from fastdcm.core import index_dicoms
 from fastdcm.data import DicomDataLoaders
-from fastdcm.distributed import distrib_ctx
+from fastdcm.distributed import distrib_ctx, shared_seed
 torch.manual_seed(0)
 df = index_dicoms(sys.argv[1], progress=False, n_workers=0)
 df['label'] = df.PatientID.map(lambda p: int(p[1:]) % 2)
-dls = DicomDataLoaders.from_df(df, valid_pct=0.2, seed=42, bs=4, num_workers=0, device='cpu')
+dls = DicomDataLoaders.from_df(df, valid_pct=0.2, seed=shared_seed(), bs=4, num_workers=0, device='cpu')   # seed=None
 valid = sorted(Path(f).name for f in dls.valid.items.fname)
 model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 2))   # HU in, logits of order 1 out
 learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
