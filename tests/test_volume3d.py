@@ -176,3 +176,12 @@ def test_classifier_fits_and_predicts_label(cases):
     learn.fit(1, 1e-3)
     label, idx, probs = learn.predict(cases[3].folder, tta=True)
     assert label in ('nodule', 'none') and probs.shape == (2,) and abs(float(probs.sum()) - 1) < 1e-4
+
+def test_window_on_volume_batches(cases):
+    "fastdcm.augment.Window on a 5-D VolumeBlock batch: one channel per window, the same values as VolumeWindow, type and geometry kept."
+    from fastdcm.augment import Window
+    xb = torch.stack([open_volume(c.folder) for c in cases[:2]])
+    w = Window(['soft_tissue', 'lungs'])(xb, split_idx=1)
+    assert isinstance(w, TensorVolume) and w.shape == (2, 2, 32, 32, 32) and w.spacing == xb.spacing
+    torch.testing.assert_close(w[:, :1].as_subclass(torch.Tensor), VolumeWindow('soft_tissue')(xb, split_idx=1).as_subclass(torch.Tensor))
+    torch.testing.assert_close(w[:, 1:].as_subclass(torch.Tensor), VolumeWindow('lungs')(xb, split_idx=1).as_subclass(torch.Tensor))
