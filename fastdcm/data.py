@@ -36,6 +36,8 @@ def _present(v) -> bool:
     return str(v).strip() != ''
 
 def _join(path, fn):
+    "`fn` joined to `path`; URLs (`s3://`, `gs://`, ...) stay as they are."
+    if isinstance(fn, str) and '://' in fn: return fn
     return Path(fn) if path is None else Path(path)/fn
 
 def _resolve(get, fname):

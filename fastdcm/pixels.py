@@ -18,6 +18,7 @@ from pydicom.tag import Tag
 from pydicom.pixels import apply_color_lut
 from pydicom.pixels.utils import get_expected_length
 from pydicom.encaps import parse_basic_offsets, parse_fragments, generate_frames
+from . import backend as _backend
 from .core import (source_name, DicomError, NotDicomError, TruncatedDicomError, NoPixelDataError, PixelDataLengthError,
                           UnsupportedTransferSyntaxError, BadWindowError, dcmread, _open_mapped, _is_remote)
 
@@ -537,6 +538,9 @@ def _load(src, frame=None, header=None):
     "(dataset, stored values, name) for `src`: fast path for native little-endian files on disk, pydicom otherwise."
     name = _fname(src)
     if isinstance(src, (str, os.PathLike)) and os.path.isfile(src):
+        if header is None:   # the compiled reader when installed (fastdcm[fast], see fastdcm.backend); None leaves the file to the paths below
+            res = _backend.load(src, frame)
+            if res is not None: return (*res, name)
         if header is not None:
             res = _load_with_header(src, header, frame, name)
             if res is not None: return (*res, name)
