@@ -185,3 +185,18 @@ def test_window_on_volume_batches(cases):
     assert isinstance(w, TensorVolume) and w.shape == (2, 2, 32, 32, 32) and w.spacing == xb.spacing
     torch.testing.assert_close(w[:, :1].as_subclass(torch.Tensor), VolumeWindow('soft_tissue')(xb, split_idx=1).as_subclass(torch.Tensor))
     torch.testing.assert_close(w[:, 1:].as_subclass(torch.Tensor), VolumeWindow('lungs')(xb, split_idx=1).as_subclass(torch.Tensor))
+
+def test_regression_learner_predicts_a_number(tmp_path):
+    "3-D regression (the nodule's radius): RegressionBlock target, one output, predict on a folder gives that number."
+    pytest.importorskip('monai')
+    from fastai.data.all import RegressionBlock
+    from fastdcm.volume_learner import volume_learner
+    cs = [synth_nodule_series(tmp_path/f'R{i}', seed=60+i, patient_id=f'R{i}', seg=False, rtstruct=False, n_slices=16, size=16,
+                              radius=(2., 4.)) for i in range(4)]
+    df = pd.DataFrame([dict(fnames=[str(f) for f in c.files], PatientID=c.patient_id, radius=float(c.truth.nodules[0][1])) for c in cs])
+    db = DataBlock(blocks=(VolumeBlock(), RegressionBlock), get_x=lambda r: r, get_y=ColReader('radius'),
+                   splitter=PatientSplitter(valid_pct=0.25, seed=0), batch_tfms=VolumeWindow())
+    learn = volume_learner(db.dataloaders(df, bs=2), 'resnet10', net_kwargs=dict(widths=(8, 16, 32, 64), norm='instance'))
+    learn.fit(1, 1e-3)
+    out, idx, raw = learn.predict(cs[0].folder, tta=True)
+    assert idx is None and out.shape == (1,) and torch.isfinite(out).all()
