@@ -156,12 +156,13 @@ def cmd_show(args):
 def cmd_convert(args):
     from fastdcm.export import convert
     res = convert(args.src, args.dst, format=args.format, stage=args.stage, anonymize=args.anonymize, salt=args.salt,
-                  workers=args.workers, progress=True)
+                  salt_file=args.salt_file, workers=args.workers, progress=True, skip_burned_in=args.skip_burned_in)
     return 1 if res['failed'] else 0
 
 def cmd_anonymize(args):
     from fastdcm.export import anonymize
-    res = anonymize(args.src, args.dst, salt=args.salt, workers=args.workers, progress=True, skip_burned_in=args.skip_burned_in)
+    res = anonymize(args.src, args.dst, salt=args.salt, salt_file=args.salt_file, workers=args.workers, progress=True,
+                    skip_burned_in=args.skip_burned_in, descriptors=args.descriptors)
     return 1 if res['failed'] else 0
 
 def cmd_demo(args):
@@ -172,7 +173,10 @@ def cmd_demo(args):
 
 # %% ../nbs/09_cli.ipynb #9cbb2c52
 _FORCE_HELP = 'read a file that lacks the DICM preamble / file meta anyway'
-_SALT_HELP = 'secret for pseudonyms (default: $FASTDCM_SALT, else a random one kept in ~/.config/fastdcm/salt)'
+_SALT_HELP = ('secret for pseudonyms, at least 12 characters; a value on the command line is visible to other users in ps: '
+              'prefer --salt-file, $FASTDCM_SALT or $FASTDCM_SALT_FILE (default: a random one kept in ~/.config/fastdcm/salt)')
+_SALT_FILE_HELP = 'a file holding the salt (readable only by you)'
+_BURNED_HELP = 'skip images likely to carry text in their pixels (Burned In Annotation YES; US/OT/SC/XC without it) instead of only listing them'
 
 def _cli_words(e) -> str:
     "An error message in the CLI's terms: the library's `force=True` advice names the `--force` option, once"
@@ -214,13 +218,15 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument('--format', choices=['png16', 'tiff16', 'npy'], default='png16')
     s.add_argument('--stage', choices=['modality', 'display'], default='modality', help='modality values (HU) or windowed [0,1]')
     s.add_argument('--anonymize', action='store_true', help='pseudonymous flat file names, no source paths in metadata.csv')
-    s.add_argument('--salt', default=None, help=_SALT_HELP)
+    s.add_argument('--salt', default=None, help=_SALT_HELP); s.add_argument('--salt-file', default=None, help=_SALT_FILE_HELP)
+    s.add_argument('--skip-burned-in', action='store_true', help=_BURNED_HELP)
     s.add_argument('--workers', type=int, default=None, help='processes (default: automatic)'); s.set_defaults(func=cmd_convert)
     s = sub.add_parser('anonymize', help='DICOM to DICOM, PS3.15 Basic Profile', description='De-identify every DICOM under SRC into DST/<patient key>/<uid>.dcm (PS3.15 Annex E Basic Profile, private tags dropped, UIDs remapped). Resumable; never writes in SRC.')
     s.add_argument('src', metavar='SRC'); s.add_argument('dst', metavar='DST')
-    s.add_argument('--salt', default=None, help=_SALT_HELP)
+    s.add_argument('--salt', default=None, help=_SALT_HELP); s.add_argument('--salt-file', default=None, help=_SALT_FILE_HELP)
     s.add_argument('--workers', type=int, default=None, help='processes (default: automatic)')
-    s.add_argument('--skip-burned-in', action='store_true', help='skip files with Burned In Annotation = YES instead of flagging them')
+    s.add_argument('--skip-burned-in', action='store_true', help=_BURNED_HELP)
+    s.add_argument('--descriptors', choices=['clean', 'retain'], default='clean', help='PS3.15 Clean Descriptors (default) or Retain Descriptors option')
     s.set_defaults(func=cmd_anonymize)
     s = sub.add_parser('demo', help='train the synthetic demo', description='Train a small model on synthetic DICOMs (fastdcm.learner.run_demo) and print its metrics.',
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -297,3 +297,18 @@ def test_unknown_vr_is_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and 'zz.dcm' in lines[0] and "'ZZ'" in lines[0], r.stderr
     assert run('show', tmp_path/'zz.dcm', '-o', tmp_path/'x.png').returncode == 0    # the pixels don't need Modality
+
+def test_salt_file_descriptors_and_burned_in_flags(tmp_path):
+    "--salt-file gives the same outputs as the same --salt; --descriptors and --skip-burned-in reach the library."
+    tree = make_tree(tmp_path/'src')
+    sf = tmp_path/'salt.txt'; sf.write_text(SALT); sf.chmod(0o600)
+    run('anonymize', tree, tmp_path/'a', '--salt', SALT, '--workers', '0')
+    run('anonymize', tree, tmp_path/'b', '--salt-file', sf, '--workers', '0', '--descriptors', 'clean')
+    names = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob('*.dcm'))
+    assert names(tmp_path/'a') == names(tmp_path/'b') and names(tmp_path/'a')
+    for n in names(tmp_path/'a'): assert (tmp_path/'a'/n).read_bytes() == (tmp_path/'b'/n).read_bytes()
+    for cmd, extra in (('anonymize', ['--descriptors', 'retain']), ('convert', [])):
+        r = run(cmd, tree, tmp_path/f'skip_{cmd}', '--salt-file', sf, '--workers', '0', '--skip-burned-in', *extra, check=False)
+        assert 'Burned In Annotation (0028,0301) is YES: skipped' in r.stdout + r.stderr    # the tree's one such file
+    r = run('anonymize', tree, tmp_path/'x', '--descriptors', 'keep-all', check=False)
+    assert r.returncode != 0 and 'descriptors' in r.stderr
