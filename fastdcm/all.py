@@ -24,6 +24,7 @@ from .data import *
 from .learner import *
 from .volume import *
 from .volume_data import *
+from .volume_learner import *
 from .export import *
 
 # like fastai.vision.all: everything imported above is re-exported (nbdev would otherwise write an empty __all__)
