@@ -634,6 +634,7 @@ def convert(src, dst, format:str='png16', stage:str='modality', anonymize:bool=F
         write = partial(_write_convert, fmt=format, stage=stage, anonymize=anonymize, dst=dst, storage_options=storage_options)
         plans = _run_export(_jobs(files, root), plan, write, dst, workers, progress,
                             lambda first, p: f"writes the same output ({p['outs'][0]}) as {first['shown']}: not written", client)
+        _clean_tmp(dst, root)      # a worker killed mid-write whose task Dask ran again elsewhere left its temporary file
         df = pd.DataFrame([r for p in plans if p['status'] in ('done', 'skipped') for r in p['rows']])
         if len(df): df = df.sort_values('fname', kind='stable').reset_index(drop=True)
         _write_csv(dst/'metadata.csv', df)
@@ -687,6 +688,7 @@ def anonymize(src, dst, salt=None, workers:int|None=None, progress:bool=True, sk
                             partial(_write_anonymize, key=key, descriptors=descriptors, dst=dst, storage_options=storage_options), dst, workers, progress,
                             lambda first, p: f"same SOP Instance UID (0008,0018) as {first['shown']} but other content: "
                                              "two objects cannot share one UID, not written", client)
+        _clean_tmp(dst, root)      # a worker killed mid-write whose task Dask ran again elsewhere left its temporary file
         res = _report(plans, dst, {'profile': f'{PROFILE_NAME}, descriptors {descriptors}'})
     finally: _unlock(lock)
     return _summary(res, 'anonymised', dst_arg, progress)

@@ -150,7 +150,7 @@ def test_dask_convert_survives_a_killed_worker(tmp_path, client):
     assert killed, 'the run ended before a worker could be killed'
     if not res or res['failed']: res = convert(src, out, salt=SALT, progress=False, client=client)   # resume if Dask gave up
     assert (res['done'] + res['skipped'], res['failed']) == (40, [])
-    assert _tree_bytes(out) == _tree_bytes(tmp_path/'ref')
+    assert _tree_bytes(out) == _tree_bytes(tmp_path/'ref')                          # no temporary file left either
     client.wait_for_workers(2, timeout=60)                        # the nanny restarts it for the tests that follow
 
 # ---- object storage: a real S3-protocol server (moto) on the loopback interface
