@@ -294,9 +294,6 @@ def test_two_process_training_on_cpu(tmp_path):
     assert a['values'][-1][1] == pytest.approx(a['validate'], rel=1e-5)                 # the real validation loss
     assert b['validate'] == pytest.approx(a['validate'], rel=1e-6)
 
-@pytest.mark.xfail(strict=True, raises=(FileNotFoundError, Exception),
-                   reason="fastdcm.data._join turns Path('.')/'s3://b/k' into 's3:/b/k'; needs `if isinstance(fn, str) and "
-                          "fastdcm.core._is_remote(fn): return fn` (05_data.ipynb, not this helper's file)")
 def test_s3_dicom_dataloaders(s3_archive, monkeypatch):
     "DicomDataLoaders.from_df on s3:// URLs (credentials from fsspec's configuration)."
     import fsspec
