@@ -25,6 +25,7 @@ from .learner import *
 from .volume import *
 from .volume_data import *
 from .volume_learner import *
+from .distributed import *
 from .export import *
 
 # like fastai.vision.all: everything imported above is re-exported (nbdev would otherwise write an empty __all__)

@@ -82,7 +82,7 @@ def _head(n, rng):
     a, b = j(.42), j(.34)
     img[_ellipse_mask(sh, j(.5, .02)*n, j(.5, .02)*n, a*n, b*n)] = TISSUE['dense_bone']
     img[_ellipse_mask(sh, .5*n, .5*n, (a - .035)*n, (b - .035)*n)] = TISSUE['soft']
-    img[_ellipse_mask(sh, .5*n, .5*n, (a - .09)*n, (b - .09)*n)] = TISSUE['soft'] + .008
+    img[_ellipse_mask(sh, .5*n, .5*n, (a - .09)*n, (b - .09)*n)] = TISSUE['soft'] - .0075   # white matter ~25 HU under grey ~40 HU
     for side in (-1, 1):
         img[_ellipse_mask(sh, j(.47)*n, (.5 + side*j(.05))*n, j(.1)*n, j(.03)*n, rot=side*.3)] = TISSUE['water']
     return img, (.3, .7, .32, .68)
@@ -102,6 +102,9 @@ def _abdomen(n, rng):
     img[_ellipse_mask(sh, j(.63)*n, j(.47)*n, .03*n, .03*n)] = TISSUE['contrast']
     img[_ellipse_mask(sh, j(.74)*n, .5*n, .055*n, .06*n)] = TISSUE['bone']
     img[_ellipse_mask(sh, j(.74)*n, .5*n, .035*n, .04*n)] = TISSUE['bone'] - .15
+    # posterior elements (lamina, spinous process): a vertebra, not a round lesion
+    img[_ellipse_mask(sh, .835*n, .5*n, .045*n, .012*n)] = TISSUE['bone']
+    img[_ellipse_mask(sh, .8*n, .5*n, .012*n, .06*n)] = TISSUE['bone']
     for _ in range(rng.integers(2, 5)):
         img[_ellipse_mask(sh, rng.uniform(.3, .45)*n, rng.uniform(.4, .65)*n, rng.uniform(.015, .03)*n,
                           rng.uniform(.015, .04)*n)] = TISSUE['air'] + .02
@@ -122,14 +125,19 @@ _KINDS = dict(chest=_chest, head=_head, abdomen=_abdomen, phantom=_phantom)
 LESION_RADIUS = (.10, .15)   # lesion radius, as a fraction of the image size (before the pose's scaling)
 LESION_DENSITY = (.84, .9)   # lesion density: 680-800 HU, brighter than soft tissue, about as bright as bone
 
-def _synth_image(kind='chest', size=256, finding=False, seed=0, noise=0.012):
+# quantum noise (std, density units; x2000 = HU): a few HU on head CT, where grey and white matter differ by ~15 HU
+_NOISE = dict(chest=0.012, head=0.002, abdomen=0.006, phantom=0.012)
+_DRIFT = dict(chest=0.03, head=0.002, abdomen=0.004, phantom=0.03)
+
+def _synth_image(kind='chest', size=256, finding=False, seed=0, noise=None):
     "`synth_image` plus the lesion's (row, col, radius) in pixels (None when `finding` is False)."
     if kind not in _KINDS: raise ValueError(f"kind must be one of {list(_KINDS)}, not {kind!r}")
+    if noise is None: noise = _NOISE[kind]
     rng = np.random.default_rng(seed)
     img, (r0, r1, c0, c1) = _KINDS[kind](size, rng)
     body = img > 0.2
     rows, cols = np.mgrid[:size, :size]/size
-    g = rng.uniform(-.03, .03, 2)  # smooth drift (beam hardening / heel effect)
+    g = rng.uniform(-1, 1, 2)*_DRIFT[kind]  # smooth drift (heel effect on radiographs; a few HU of cupping on CT)
     img = img + body*(g[0]*(rows - .5) + g[1]*(cols - .5))
     lesion = None
     lrng = np.random.default_rng([seed, 7])  # separate stream: same anatomy with and without the finding
