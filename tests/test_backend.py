@@ -14,24 +14,9 @@ import fastdcm.pixels as pixels
 from fastdcm import backend
 from fastdcm.backend import load, available, HEADER_KEYWORDS, DECLINE_KEYWORDS
 from fastdcm.synth import synth_dicom, synth_bad_files
+from conftest import installed_test_files   # and the `no_downloads` fixture
 
 needs_backend = pytest.mark.skipif(not available(), reason='dicomsdl is not installed (pip install fastdcm[fast]): the backend declines every file')
-
-def installed_test_files(pattern='*.dcm'):
-    "pydicom's test files as installed: its own folder, and pydicom-data's when that package is installed (nothing is downloaded)."
-    from pydicom.data.data_manager import external_data_sources, DataTypes
-    own = sorted(str(p) for p in Path(get_testdata_file('CT_small.dcm')).parent.glob(pattern))
-    extra = [p for src in external_data_sources().values() for p in src.get_paths(pattern, DataTypes.DATASET)]
-    return own + sorted(extra)
-
-@pytest.fixture
-def no_downloads(monkeypatch):
-    "Fail a test that makes pydicom try to download test data (it swallows the network error and only warns)."
-    import pydicom.data.data_manager as dm
-    tried = []
-    monkeypatch.setattr(dm, 'data_path_with_download', lambda name, *a, **k: tried.append(name) or (_ for _ in ()).throw(OSError('no network')))
-    yield tried
-    assert not tried, f'pydicom tried to download {len(tried)} test files, e.g. {tried[:3]}'
 
 def _pydicom(f):
     with warnings.catch_warnings():

@@ -6,6 +6,7 @@ from pydicom.data import get_testdata_file
 from fastdcm.core import *
 from fastdcm.pixels import *
 from fastdcm.pixels import PixelDecodeError, FrameIndexError, _load
+from conftest import installed_test_files   # and the `no_downloads` fixture
 
 CT, MR = get_testdata_file('CT_small.dcm'), get_testdata_file('MR_small.dcm')
 
@@ -152,22 +153,6 @@ def _raw_values_of(f):
     from fastdcm.pixels import _get, _RAW_KINDS
     raw, conv = dcmread(f, stop_before_pixels=True), pydicom.dcmread(f, stop_before_pixels=True)
     return [(kw, _get(raw, kw), conv.get(kw)) for kw in _RAW_KINDS if kw in conv]
-
-def installed_test_files(pattern='*.dcm'):
-    "pydicom's test files as installed: its own folder, and pydicom-data's when that package is installed. Nothing is downloaded (`get_testdata_files` would try to fetch every file pydicom-data has online)."
-    from pydicom.data.data_manager import external_data_sources, DataTypes
-    own = sorted(str(p) for p in Path(get_testdata_file('CT_small.dcm')).parent.glob(pattern))
-    extra = [p for src in external_data_sources().values() for p in src.get_paths(pattern, DataTypes.DATASET)]
-    return own + sorted(extra)
-
-@pytest.fixture
-def no_downloads(monkeypatch):
-    "Fail a test that makes pydicom try to download test data (it swallows the network error and only warns)."
-    import pydicom.data.data_manager as dm
-    tried = []
-    monkeypatch.setattr(dm, 'data_path_with_download', lambda name, *a, **k: tried.append(name) or (_ for _ in ()).throw(OSError('no network')))
-    yield tried
-    assert not tried, f'pydicom tried to download {len(tried)} test files, e.g. {tried[:3]}'
 
 def test_raw_header_values_match_pydicom(no_downloads):
     "The raw reader of hot header values agrees with pydicom's own conversion on every installed pydicom test file that has them."
