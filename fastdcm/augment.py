@@ -32,11 +32,11 @@ _all_ = ['dicom_windows']   # re-exported: `from fastdcm.augment import *` keeps
 
 
 # %% ../nbs/04_augment.ipynb #8e66b9c5
-def _hist_eq(x:torch.Tensor, nbins:int=4096, invert:torch.Tensor|None=None) -> torch.Tensor:
-    "Histogram-equalise each plane of `x` (..., H, W) into [0,1], padding excluded (-> 0), interpolating within bins; planes where `invert` (N,) is set are presented inverted (1 - y)."
+def _hist_eq(x:torch.Tensor, nbins:int=4096, invert:torch.Tensor|None=None, keep:torch.Tensor|None=None) -> torch.Tensor:
+    "Histogram-equalise each plane of `x` (..., H, W) into [0,1], padding excluded (-> 0), interpolating within bins; planes where `invert` (N,) is set are presented inverted (1 - y); `keep` (like `x`): the pixels the histogram is taken from (all are mapped)."
     p = _planes(x)
     pad = _padding(p)
-    counts, lo, hi, pos, idx = _plane_hist(p, pad, nbins)
+    counts, lo, hi, pos, idx = _plane_hist(p, pad if keep is None else pad | ~_planes(keep).bool(), nbins)
     tot = counts.sum(1, keepdim=True).clamp_min(1)
     cdf_prev = (counts.cumsum(1) - counts) / tot
     n = p.shape[0]
@@ -149,14 +149,15 @@ class RandomWindow(Window):
         return c + on*u1*self.max_center*w, (w * (1 + on*u2*self.max_width)).clamp_min(1.)
 
 # %% ../nbs/04_augment.ipynb #6d9c6a8b
-def _clahe(x:torch.Tensor, clip_limit:float=2., grid=(8,8), nbins:int=1024, invert:torch.Tensor|None=None) -> torch.Tensor:
-    "CLAHE of each plane of `x` (..., H, W) into [0,1] with `nbins` bins over its non-padding range; padding -> 0; planes where `invert` (N,) is set are presented inverted."
+def _clahe(x:torch.Tensor, clip_limit:float=2., grid=(8,8), nbins:int=1024, invert:torch.Tensor|None=None, keep:torch.Tensor|None=None) -> torch.Tensor:
+    "CLAHE of each plane of `x` (..., H, W) into [0,1] with `nbins` bins over its non-padding range; padding -> 0; planes where `invert` (N,) is set are presented inverted; `keep` (like `x`): the pixels the histograms are taken from (all are mapped)."
     H,W = x.shape[-2:]
     gh,gw = grid
     p = _planes(x)
     n = p.shape[0]
     pad = _padding(p)
-    _, lo, hi, pos, idx = _plane_hist(p, pad, 1) # just the range and positions
+    out = pad if keep is None else pad | ~_planes(keep).bool()   # left out of the statistics
+    _, lo, hi, pos, idx = _plane_hist(p, out, 1) # just the range and positions
     span = (hi-lo).clamp_min(1e-6)
     pos = (p-lo[:,None]) / span[:,None] * nbins
     idx = pos.long().clamp_(0, nbins-1)
@@ -165,7 +166,7 @@ def _clahe(x:torch.Tensor, clip_limit:float=2., grid=(8,8), nbins:int=1024, inve
     tile = (ty[:,None]*gw + tx[None,:]).flatten()                       # (P,)
     T = gh*gw
     flat = (torch.arange(n, device=x.device)[:,None]*T + tile[None])*nbins + idx
-    counts = torch.bincount(flat.flatten(), weights=(~pad).flatten().float(), minlength=n*T*nbins).view(n, T, nbins)
+    counts = torch.bincount(flat.flatten(), weights=(~out).flatten().float(), minlength=n*T*nbins).view(n, T, nbins)
     tot = counts.sum(-1, keepdim=True)
     limit = (clip_limit * tot / nbins).clamp_min(1.)
     clipped = torch.minimum(counts, limit)
@@ -394,7 +395,7 @@ class Harmonize(RandTransform):
     def __init__(self,
                  method:str='histeq',          # 'none', 'histeq' (full depth), 'clahe' or 'percentile'
                  dicom='auto',                 # the window for DICOM items: 'auto', a name or (center, width)
-                 body:bool=False,              # statistics from the body region only (`body_mask`); outside it -> 0
+                 body:bool=False,              # statistics from the body region only (`body_mask`); every pixel is mapped
                  pct=(1., 99.),                # 'percentile': these percentiles go to 0 and 1
                  nbins:int=4096, clip_limit:float=2., grid=(8,8), **kwargs):
         if method is None: method = 'none'
@@ -419,15 +420,13 @@ class Harmonize(RandTransform):
     def encodes(self, x:TensorDicom):
         if getattr(x, 'windows', None): return x
         y, single = self._display(x)
-        keep = body_mask(y) if self.body else None
-        if self.method != 'none':
-            z = y if keep is None else torch.where(keep, y, torch.full_like(y, -1.))   # excluded -> below all: left out as padding
-            if self.method=='histeq': y = _hist_eq(z, self.nbins)
-            elif self.method=='clahe': y = _clahe(z, self.clip_limit, self.grid, min(self.nbins, 1024))
-            else:
-                lo,hi = plane_percentiles(z, self.pct, self.nbins).unbind(-1)
-                y = ((z - lo[...,None,None]) / (hi-lo).clamp_min(1e-6)[...,None,None]).clamp(0, 1)
-        if keep is not None: y = torch.where(keep, y, torch.zeros_like(y))
+        keep = body_mask(y) if self.body else None     # where the statistics come from; every pixel is mapped
+        if self.method=='histeq': y = _hist_eq(y, self.nbins, keep=keep)
+        elif self.method=='clahe': y = _clahe(y, self.clip_limit, self.grid, min(self.nbins, 1024), keep=keep)
+        elif self.method=='percentile':
+            z = y if keep is None else torch.where(keep, y, torch.full_like(y, -1.))   # left out: below all, as padding
+            lo,hi = plane_percentiles(z, self.pct, self.nbins).unbind(-1)
+            y = ((y - lo[...,None,None]) / (hi-lo).clamp_min(1e-6)[...,None,None]).clamp(0, 1)
         if single: y = y[0]
         return TensorDicom(y, windows=[f'harmonized:{self.method}'] * y.shape[-3])
 

@@ -67,8 +67,11 @@ def test_mixed_datablock_batches(mixed):
     assert b16.inverted is True
     assert w1(h[0], Harmonize('histeq')(b16)) < 0.03
 
-@pytest.mark.parametrize('method, limit', [('histeq', 0.02), ('clahe', 0.12), ('percentile', 0.11)])
-def test_harmonisation_matches_two_sites(tmp_path, method, limit):
+@pytest.mark.parametrize('method, body, limit, better', [('histeq', True, 0.02, True), ('clahe', False, 0.08, True),
+                                                   ('percentile', True, 0.11, False)])
+def test_harmonisation_matches_two_sites(tmp_path, method, body, limit, better):
+    "Same anatomy, two sites: equalisation matches the histograms; a linear percentile map can't undo a tone curve (bounded only)."
+
     rng = np.random.default_rng(0)
     for seed in range(3):
         d = synth_image('chest', size=96, seed=seed)
@@ -76,8 +79,8 @@ def test_harmonisation_matches_two_sites(tmp_path, method, limit):
         b = open_dicom(synth_dicom(tmp_path/f'b{seed}.dcm', d, modality='CR', bits_stored=12, signed=False, seed=seed,
                                    photometric=['MONOCHROME1', 'MONOCHROME2'][seed % 2]))
         pair = torch.stack([a, b])
-        before, after = w1(*Harmonize('none')(pair)), w1(*Harmonize(method, body=True)(pair))
-        assert after < limit and after < before, (seed, before, after)
+        before, after = w1(*Harmonize('none')(pair)), w1(*Harmonize(method, body=body)(pair))
+        assert after < limit and (after < before or not better), (seed, before, after)
 
 def test_inverted_foreign_png_is_declared(tmp_path):
     "An inverted PNG can't be told from its pixels with certainty: the user declares it, and then it matches."
