@@ -368,21 +368,24 @@ def dicom_aug_transforms(
 def _erode(m, k): return -F.max_pool2d(-m, k, 1, k//2)
 def _dilate(m, k): return F.max_pool2d(m, k, 1, k//2)
 
-def body_mask(x:torch.Tensor, kernel:int|None=None) -> torch.Tensor:
-    "Bool mask (same shape as `x` (..., H, W), display values) of the body region of each plane: above its Otsu threshold, opened (drops text labels and specks) then closed (fills holes) with a square `kernel` (default ~H/16, odd)."
+def _spans(m:torch.Tensor, dim:int) -> torch.Tensor:
+    "Pixels between the first and the last set pixel of each line of `m` (bool) along `dim`."
+    fwd = m.int().cummax(dim).values.bool()
+    bwd = m.flip(dim).int().cummax(dim).values.bool().flip(dim)
+    return fwd & bwd
+
+def body_mask(x:torch.Tensor, kernel:int|None=None, size:int=128) -> torch.Tensor:
+    "Bool mask (same shape as `x` (..., H, W), display values) of the body in each plane: above the background (8% of the way from the minimum to the 99th percentile), opened (drops text labels and specks), then everything between its first and last pixel along rows and columns (lungs are inside the body); computed at <= `size` px."
     H,W = x.shape[-2:]
-    k = kernel or max(3, (min(H,W)//16) | 1)
     p = _planes(x)
-    counts, lo, hi, _, idx = _plane_hist(p, torch.zeros_like(p, dtype=torch.bool), 256)
-    w0 = counts.cumsum(1); tot = w0[:,-1:]
-    mids = torch.arange(256, device=p.device, dtype=p.dtype) + 0.5
-    m0 = (counts*mids).cumsum(1)
-    mu0 = m0/w0.clamp_min(1); mu1 = (m0[:,-1:]-m0)/(tot-w0).clamp_min(1)
-    between = w0*(tot-w0)*(mu0-mu1)**2                       # Otsu: the split with the largest between-class variance
-    t = between.argmax(1, keepdim=True)
-    m = (idx > t).float().view(-1, 1, H, W)
-    m = _dilate(_erode(m, k), k)                              # opening: text labels and specks go
-    m = _erode(_dilate(m, k), k)                              # closing: holes inside the body fill
+    lo, hi = p.amin(1, keepdim=True), plane_percentiles(p.view(-1, 1, p.shape[1]), (99.,)).view(-1, 1)
+    m = (p > lo + 0.08*(hi - lo)).float().view(-1, 1, H, W)  # above the background (air, borders, collimation)
+    f = min(1., size/max(H, W))                               # a body outline needs no full resolution
+    if f < 1: m = F.interpolate(m, scale_factor=f, mode='area')
+    k = kernel or max(3, (min(m.shape[-2:])//16) | 1)
+    m = _dilate(_erode(m, k), k) > 0.5                        # opening: text labels and specks go
+    m = (_spans(m, -1) & _spans(m, -2)).float()               # inside the outline along rows and columns: the lungs are body
+    if f < 1: m = F.interpolate(m, size=(H, W), mode='nearest')
     m = m.view(x.shape) > 0.5
     small = m.flatten(-2).float().mean(-1) < 0.05             # nothing left: use the whole plane
     return m | small[...,None,None]
