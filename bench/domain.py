@@ -145,6 +145,8 @@ def main():
                 for tr, te, trs, tes in ((A, B, 'A', 'B'), (B, A, 'B', 'A')):
                     (ia, iacc), (oa, oacc) = run(mk(), tr, te, trs, tes, seed, a.epochs)
                     res.append(dict(route=name, direction=f'{trs}->{tes}', seed=seed, in_auc=ia, in_acc=iacc, out_auc=oa, out_acc=oacc))
+                    print(f'seed {seed} {trs}->{tes} {name}: in-domain AUC {ia:.3f}, out-of-domain AUC {oa:.3f} '
+                          f'({time.time()-t0:.0f} s)', flush=True)
     df = pd.DataFrame(res)
     spread = lambda s: f'{s.mean():.3f} ({s.min():.3f}-{s.max():.3f})'
     tab = df.groupby(['direction', 'route'], sort=False).agg(in_auc=('in_auc', spread), out_auc=('out_auc', spread),
