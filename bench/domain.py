@@ -20,7 +20,7 @@ the whole other site -- out-of-domain):
 
 Prints ROC AUC and accuracy, mean and spread (min-max) over `--seeds` seeds, for A->B and B->A with the
 in-domain references. CPU, a few minutes with the defaults.
-Run: python bench/domain.py [--n 80] [--seeds 3] [--epochs 5]
+Run: python bench/domain.py [--n 100] [--seeds 3] [--epochs 5] [--routes 'NAME;NAME']
 """
 import argparse, io, time, warnings
 from pathlib import Path
@@ -132,9 +132,9 @@ def main():
     ap.add_argument('--n', type=int, default=100, help='images per site')
     ap.add_argument('--seeds', type=int, default=3)
     ap.add_argument('--epochs', type=int, default=5)
-    ap.add_argument('--routes', default=None, help='comma-separated subset of route names')
+    ap.add_argument('--routes', default=None, help='semicolon-separated subset of route names')
     a = ap.parse_args()
-    routes = {k: v for k, v in ROUTES.items() if a.routes is None or k in a.routes.split(',')}
+    routes = {k: v for k, v in ROUTES.items() if a.routes is None or k in a.routes.split(';')}
     res = []
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:

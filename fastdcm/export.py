@@ -1,7 +1,7 @@
 """Get the pixels out of DICOM for deep learning without losing bits or leaking patients: lossless 16-bit PNG/TIFF/npy
 with the exact value mapping kept, pseudonymous names and keys, and DICOM-to-DICOM de-identification (PS3.15).
 
-Public API: `MIN_SALT_LENGTH`, `FORMATS`, `METADATA_COLUMNS`, `PROFILE_EDITION`, `PROFILE_NAME`, `COMBINED_ACTIONS`, `RETAINED_DESCRIPTORS`, `CODED_DESCRIPTORS`, `DESCRIPTOR_OPTIONS`, `BURNED_IN_MODALITIES`, `resolve_salt`, `pseudonym`, `clean_id`, `patient_identity`, `patient_key`, `pseudo_uid`, `atomic_write`, `quantize16`, `dequantize16`, `write_converted`, `read_converted`, `profile_tags`, `deidentify`, `DestinationInUseError`, `burned_in_text`, `output_names`, `convert`, `anonymize`
+Public API: `MIN_SALT_LENGTH`, `FORMATS`, `METADATA_COLUMNS`, `PROFILE_EDITION`, `PROFILE_NAME`, `COMBINED_ACTIONS`, `RETAINED_DESCRIPTORS`, `CODED_DESCRIPTORS`, `DESCRIPTOR_OPTIONS`, `BURNED_IN_MODALITIES`, `resolve_salt`, `pseudonym`, `clean_id`, `patient_identity`, `patient_key`, `pseudo_uid`, `atomic_write`, `quantize16`, `dequantize16`, `write_converted`, `read_converted`, `profile_tags`, `deidentify`, `DestinationInUseError`, `burned_in_text`, `output_names`, `convert`, `anonymize`, `source_of`
 
 Docs: https://fastdcm.github.io/fastdcm/export.html.md"""
 
@@ -28,7 +28,7 @@ __all__ = ['MIN_SALT_LENGTH', 'FORMATS', 'METADATA_COLUMNS', 'PROFILE_EDITION', 
            'RETAINED_DESCRIPTORS', 'CODED_DESCRIPTORS', 'DESCRIPTOR_OPTIONS', 'BURNED_IN_MODALITIES', 'resolve_salt',
            'pseudonym', 'clean_id', 'patient_identity', 'patient_key', 'pseudo_uid', 'atomic_write', 'quantize16',
            'dequantize16', 'write_converted', 'read_converted', 'profile_tags', 'deidentify', 'DestinationInUseError',
-           'burned_in_text', 'output_names', 'convert', 'anonymize']
+           'burned_in_text', 'output_names', 'convert', 'anonymize', 'source_of']
 
 # %% ../nbs/08_export.ipynb #b88ecf19
 MIN_SALT_LENGTH = 12   # characters; the default salt is 64 random hex digits
@@ -692,3 +692,11 @@ def anonymize(src, dst, salt=None, workers:int|None=None, progress:bool=True, sk
         res = _report(plans, dst, {'profile': f'{PROFILE_NAME}, descriptors {descriptors}'})
     finally: _unlock(lock)
     return _summary(res, 'anonymised', dst_arg, progress)
+
+# %% ../nbs/08_export.ipynb #srcof002
+def source_of(name:str, src, salt=None, salt_file=None, storage_options:dict|None=None) -> list:
+    "The files under `src` whose report name is `name` (the pseudonym an anonymising `convert`/`anonymize` run with the same salt shows): how the owner finds a failed source again."
+    src_, root, _ = _check_dirs(src, os.devnull, storage_options)   # only the source's root matters here
+    key = resolve_salt(salt, salt_file)
+    jobs = _jobs(get_dicom_files(src_, storage_options=storage_options), root)
+    return [f for f, rel in jobs if pseudonym(rel.as_posix(), key, n=12, kind='path') == name or rel.as_posix() == name]

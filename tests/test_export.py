@@ -623,3 +623,13 @@ def test_short_salt_refused_everywhere(tmp_path):
         for call in (lambda: pseudonym('x', salt), lambda: pseudo_uid('1.2.3', salt), lambda: patient_key(ds, salt),
                      lambda: deidentify(pydicom.dcmread(get_testdata_file('CT_small.dcm')), salt)):
             with pytest.raises(ValueError, match='at least 12'): call()
+
+def test_source_of_finds_a_failed_source(tmp_path):
+    "An anonymising run reports a failure by pseudonym (no PHI in the output folder); the owner finds the file with source_of."
+    from fastdcm.export import source_of
+    tree = make_tree(tmp_path/'src')
+    bad = next(tree.rglob('*.dcm')).parent/'broken.dcm'; bad.write_bytes(b'DICM' + bytes(200))
+    res = anonymize(tree, tmp_path/'anon', salt=SALT, progress=False)
+    (name, why), = [f for f in res['failed'] if 'broken' not in f[0]]
+    assert source_of(name, tree, salt=SALT) == [bad]
+    assert source_of(name, tree, salt=SALT + '-other') == []
