@@ -12,6 +12,7 @@ from __future__ import annotations
 import os, io, re, json, hmac, hashlib, secrets, warnings, threading, unicodedata
 from pathlib import Path
 from functools import partial
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 import numpy as np, pandas as pd
 import pydicom
@@ -614,13 +615,9 @@ def _write_convert(job, fmt, stage, anonymize, dst, storage_options=None):
         _write_outputs(dst, outs, fp, lambda i,o: write_converted(o, x if len(outs)==1 else x[i], fmt, stage, slope))
     except Exception as e: return _reason(e, fn, anonymize)
 
-def convert(src, dst, format:str='png16', stage:str='modality', anonymize:bool=False, salt=None, salt_file=None,
-            workers:int|None=None, progress:bool=True, columns=METADATA_COLUMNS, skip_burned_in:bool=False, client=None,
-            storage_options:dict|None=None) -> dict:
-    "Convert every DICOM under `src` (a folder, a file or an fsspec URL) to lossless `format` files in `dst` plus `metadata.csv`; resumable, never writes in `src`; `client`: a `dask.distributed.Client` reading and writing in Dask tasks (same outputs)."
-    if format not in FORMATS: raise ValueError(f"format must be one of {list(FORMATS)}, not {format!r}")
-    if stage not in ('modality', 'display'): raise ValueError(f"stage must be 'modality' or 'display', not {stage!r}")
-    dst_arg = dst
+@contextmanager
+def _export_run(src, dst, salt, salt_file, storage_options, settings:dict):
+    "The frame of a `convert`/`anonymize` run: folders checked, the key, the jobs, the destination locked, temporary files cleaned before and after; yields (destination, key, jobs)."
     src, root, dst = _check_dirs(src, dst, storage_options)
     key = resolve_salt(salt, salt_file)
     files = get_dicom_files(src, storage_options=storage_options)
@@ -628,19 +625,29 @@ def convert(src, dst, format:str='png16', stage:str='modality', anonymize:bool=F
     lock = _lock(dst)
     try:
         _clean_tmp(dst, root)
-        _check_settings(dst, {'command': 'convert', 'format': format, 'stage': stage, 'anonymize': anonymize})
+        _check_settings(dst, settings)
+        yield dst, key, _jobs(files, root)
+        _clean_tmp(dst, root)      # a worker killed mid-write whose task Dask ran again elsewhere left its temporary file
+    finally: _unlock(lock)
+
+def convert(src, dst, format:str='png16', stage:str='modality', anonymize:bool=False, salt=None, salt_file=None,
+            workers:int|None=None, progress:bool=True, columns=METADATA_COLUMNS, skip_burned_in:bool=False, client=None,
+            storage_options:dict|None=None) -> dict:
+    "Convert every DICOM under `src` (a folder, a file or an fsspec URL) to lossless `format` files in `dst` plus `metadata.csv`; resumable, never writes in `src`; `client`: a `dask.distributed.Client` reading and writing in Dask tasks (same outputs)."
+    if format not in FORMATS: raise ValueError(f"format must be one of {list(FORMATS)}, not {format!r}")
+    if stage not in ('modality', 'display'): raise ValueError(f"stage must be 'modality' or 'display', not {stage!r}")
+    with _export_run(src, dst, salt, salt_file, storage_options,
+                     {'command': 'convert', 'format': format, 'stage': stage, 'anonymize': anonymize}) as (out, key, jobs):
         plan = partial(_plan_convert, fmt=format, anonymize=anonymize, key=key, columns=columns, storage_options=storage_options)
         if skip_burned_in: plan = partial(_skip_burned, plan)
-        write = partial(_write_convert, fmt=format, stage=stage, anonymize=anonymize, dst=dst, storage_options=storage_options)
-        plans = _run_export(_jobs(files, root), plan, write, dst, workers, progress,
+        write = partial(_write_convert, fmt=format, stage=stage, anonymize=anonymize, dst=out, storage_options=storage_options)
+        plans = _run_export(jobs, plan, write, out, workers, progress,
                             lambda first, p: f"writes the same output ({p['outs'][0]}) as {first['shown']}: not written", client)
-        _clean_tmp(dst, root)      # a worker killed mid-write whose task Dask ran again elsewhere left its temporary file
         df = pd.DataFrame([r for p in plans if p['status'] in ('done', 'skipped') for r in p['rows']])
         if len(df): df = df.sort_values('fname', kind='stable').reset_index(drop=True)
-        _write_csv(dst/'metadata.csv', df)
-        res = _report(plans, dst, {'metadata': dst/'metadata.csv'})
-    finally: _unlock(lock)
-    return _summary(res, 'converted', dst_arg, progress)
+        _write_csv(out/'metadata.csv', df)
+        res = _report(plans, out, {'metadata': out/'metadata.csv'})
+    return _summary(res, 'converted', dst, progress)
 
 def _skip_burned(plan, job):
     "`skip_burned_in=True`: a file whose pixels likely hold text is a failure with the reason, never written."
@@ -673,25 +680,16 @@ def anonymize(src, dst, salt=None, workers:int|None=None, progress:bool=True, sk
               descriptors:str='clean', salt_file=None, client=None, storage_options:dict|None=None) -> dict:
     "De-identify every DICOM under `src` (a folder, a file or an fsspec URL) into `dst` (PS3.15 Basic Profile, see `deidentify`); resumable, never writes in `src`; `client`: a `dask.distributed.Client` doing the work in Dask tasks (same outputs)."
     _profile_rules(descriptors)                 # a bad option fails before any work
-    dst_arg = dst
-    src, root, dst = _check_dirs(src, dst, storage_options)
-    key = resolve_salt(salt, salt_file)
-    files = get_dicom_files(src, storage_options=storage_options)
-    dst.mkdir(parents=True, exist_ok=True)
-    lock = _lock(dst)
-    try:
-        _clean_tmp(dst, root)
-        _check_settings(dst, {'command': 'anonymize', 'profile': PROFILE_NAME, 'descriptors': descriptors})
+    with _export_run(src, dst, salt, salt_file, storage_options,
+                     {'command': 'anonymize', 'profile': PROFILE_NAME, 'descriptors': descriptors}) as (out, key, jobs):
         plan = partial(_plan_anonymize, key=key, storage_options=storage_options)
         if skip_burned_in: plan = partial(_skip_burned, plan)
-        plans = _run_export(_jobs(files, root), plan,
-                            partial(_write_anonymize, key=key, descriptors=descriptors, dst=dst, storage_options=storage_options), dst, workers, progress,
+        plans = _run_export(jobs, plan,
+                            partial(_write_anonymize, key=key, descriptors=descriptors, dst=out, storage_options=storage_options), out, workers, progress,
                             lambda first, p: f"same SOP Instance UID (0008,0018) as {first['shown']} but other content: "
                                              "two objects cannot share one UID, not written", client)
-        _clean_tmp(dst, root)      # a worker killed mid-write whose task Dask ran again elsewhere left its temporary file
-        res = _report(plans, dst, {'profile': f'{PROFILE_NAME}, descriptors {descriptors}'})
-    finally: _unlock(lock)
-    return _summary(res, 'anonymised', dst_arg, progress)
+        res = _report(plans, out, {'profile': f'{PROFILE_NAME}, descriptors {descriptors}'})
+    return _summary(res, 'anonymised', dst, progress)
 
 # %% ../nbs/08_export.ipynb #srcof002
 def source_of(name:str, src, salt=None, salt_file=None, storage_options:dict|None=None) -> list:
