@@ -25,19 +25,12 @@ from fastdcm import backend
 
 @contextlib.contextmanager
 def backend_switched(on:bool):
-    "`fastdcm.pixels` with the compiled backend reading files (`on`, wired into `_load` as proposed if it isn't yet) or declining."
-    orig_load, orig_backend = pixels._load, backend.load
+    "`fastdcm.pixels` (wired to the backend in `_load`) with the compiled backend reading files (`on`) or declining all."
+    orig = backend.load
     try:
         if not on: backend.load = lambda *a, **k: None
-        elif 'backend' not in pixels._load.__code__.co_names:
-            def _load(src, frame=None, header=None):
-                if header is None:
-                    res = orig_backend(src, frame)
-                    if res is not None: return (*res, pixels._fname(src))
-                return orig_load(src, frame, header)
-            pixels._load = _load
         yield
-    finally: pixels._load, backend.load = orig_load, orig_backend
+    finally: backend.load = orig
 
 def f32_pydicom(fn): return pydicom.dcmread(fn).pixel_array.astype(np.float32)
 def f32_fastdcm(fn): return pixels._load(fn)[1].astype(np.float32)

@@ -58,21 +58,13 @@ def export_png8(df, folder):
 
 @contextlib.contextmanager
 def backend_switched(on:bool):
-    "Run with the compiled backend reading the files (`on`) or not, whether or not `fastdcm.pixels` is wired to it yet."
-    import fastdcm.pixels as pixels
+    "Run with the compiled backend reading the files (`on`) or declining all, so pydicom reads them (`fastdcm.pixels._load` is wired to it)."
     from fastdcm import backend
-    orig_load, orig_backend = pixels._load, backend.load
+    orig = backend.load
     try:
-        if not on: backend.load = lambda *a, **k: None   # the backend declines everything: pydicom's path
-        elif 'backend' not in pixels._load.__code__.co_names:   # pixels not wired yet: wire it as proposed for `_load`
-            def _load(src, frame=None, header=None):
-                if header is None:
-                    res = orig_backend(src, frame)
-                    if res is not None: return (*res, pixels._fname(src))
-                return orig_load(src, frame, header)
-            pixels._load = _load
+        if not on: backend.load = lambda *a, **k: None
         yield
-    finally: pixels._load, backend.load = orig_load, orig_backend
+    finally: backend.load = orig
 
 def fastdcm_dls(df, px, bs, seed, cache=None):
     from fastdcm.transforms import DicomBlock, DicomResize

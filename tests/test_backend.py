@@ -5,7 +5,7 @@ accepts a file its stored values and header values equal pydicom's, and where it
 (as `_load` would call it) every stage, frame, window and padding choice gives the same output or the same typed
 error as without it. Mutated files never crash it or make it raise. Without dicomsdl only the tests that need it
 are skipped: the backend then declines everything."""
-import ast, os, random, subprocess, sys, warnings
+import ast, contextlib, os, random, subprocess, sys, warnings
 from pathlib import Path
 import numpy as np, pydicom, pytest
 from pydicom.data import get_testdata_file
@@ -23,20 +23,28 @@ def _pydicom(f):
         warnings.simplefilter('ignore')
         return pydicom.dcmread(f)
 
-def _reference(f, frame=None):
-    "`fastdcm.pixels._load` as it is (pydicom and its own fast path): (header, stored), or the exception."
-    try: return pixels._load(f, frame)[:2]
-    except Exception as e: return e
+@contextlib.contextmanager
+def _without_backend():
+    "`fastdcm.pixels` with the backend declining every file: pydicom and pixels' own fast path, the reference."
+    orig = backend.load
+    backend.load = lambda *a, **k: None
+    try: yield
+    finally: backend.load = orig
 
-def _wire(monkeypatch):
-    "Wire the backend into `fastdcm.pixels._load` the way the proposed change does: the backend first, when it accepts the file."
-    orig = pixels._load
-    def _load(src, frame=None, header=None):
-        if header is None:
-            res = load(src, frame)
-            if res is not None: return (*res, pixels._fname(src))
-        return orig(src, frame, header)
-    monkeypatch.setattr(pixels, '_load', _load)
+def _reference(f, frame=None):
+    "`fastdcm.pixels._load` without the backend: (header, stored), or the exception."
+    with _without_backend():
+        try: return pixels._load(f, frame)[:2]
+        except Exception as e: return e
+
+def test_pixels_reads_through_the_backend():
+    "`fastdcm.pixels._load` uses the backend when no header is given (what the tests below compare against pydicom)."
+    calls = []
+    orig = backend.load
+    backend.load = lambda *a, **k: calls.append(a) or orig(*a, **k)
+    try: pixels._load(get_testdata_file('CT_small.dcm'))
+    finally: backend.load = orig
+    assert len(calls) == 1
 
 # ---------------------------------------------------------------------------------------------------------------
 # without dicomsdl
@@ -139,17 +147,15 @@ _CALLS = [dict(stage=s) for s in pixels.STAGES] + [
 
 @needs_backend
 def test_every_stage_equal_with_backend_wired(tmp_path, monkeypatch, no_downloads):
-    "`dicom_pixels` at every stage (frames, windows by index/name/values/function, pad values) and `padding_mask` give the same arrays, or the same typed errors, with the backend wired into `fastdcm.pixels._load` as without it."
+    "`dicom_pixels` at every stage (frames, windows by index/name/values/function, pad values) and `padding_mask` give the same arrays, or the same typed errors, with the backend (as `fastdcm.pixels._load` ships) as without it."
     files = [f for f in installed_test_files() if load(f) is not None]
     files += _synth_variants(tmp_path) + list(synth_bad_files(tmp_path/'bad').values())
     used = 0
     for f in files:
         calls = [(pixels.dicom_pixels, k) for k in _CALLS] + [(pixels.padding_mask, {}), (pixels.padding_mask, dict(frame=1))]
-        before = [_outcome(fn, f, **k) for fn, k in calls]
-        with monkeypatch.context() as m:
-            _wire(m)
-            used += load(f) is not None
-            after = [_outcome(fn, f, **k) for fn, k in calls]
+        with _without_backend(): before = [_outcome(fn, f, **k) for fn, k in calls]
+        used += load(f) is not None
+        after = [_outcome(fn, f, **k) for fn, k in calls]     # pixels as shipped: the backend first when it accepts
         for (fn, k), a, b in zip(calls, before, after): _same(a, b, (Path(f).name, fn.__name__, k))
     assert used >= 20   # 17 pydicom files, 9 synth variants
 
