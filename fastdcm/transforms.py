@@ -307,10 +307,10 @@ def open_dicom(src, stage:str='modality', frame:int|None=None, frames_as_channel
     if isinstance(src, TensorDicom): return src
     row = src if isinstance(src, pd.Series) else None
     src, frame = _unpack_row(src, frame)
-    if is_image_file(src):                           # PNG/JPEG/TIFF beside DICOM; a row may declare it inverted
+    hdr = _header(src)
+    if hdr is None and is_image_file(src):          # PNG/JPEG/TIFF beside DICOM (looked at only when not DICOM); a row may declare it inverted
         inv = row.get('inverted', False) if row is not None else False
         return open_image(src, invert=bool(inv) and not pd.isna(inv))
-    hdr = _header(src)
     if cache is not None: arr = cache(src, stage=stage, frame=frame)
     elif hdr is not None and isinstance(src, (str, os.PathLike)): arr = dicom_pixels(src, stage=stage, frame=frame, header=hdr)  # parsed once
     else: arr = dicom_pixels(src, stage=stage, frame=frame)
@@ -360,11 +360,17 @@ def _region(h, w, size, method, pcts):
     ch,cw = max(1,round(m*sh)),max(1,round(m*sw))
     return int(pcts[0]*(h-ch)), int(pcts[1]*(w-cw)), ch, cw
 
-def _crop_pad(x, top, left, ch, cw, fill):
-    "Crop `x` (..., H, W) to the region, padding with `fill` where it leaves the image."
+def _pad_region(x, top, left, ch, cw, pad_mode, fill):
+    "Cut rows `top`..`top+ch`, columns `left`..`left+cw` of `x` (..., H, W), padding per fastai's `pad_mode` outside it."
     h,w = x.shape[-2:]
     pt,pl,pb,pr = max(0,-top), max(0,-left), max(0,top+ch-h), max(0,left+cw-w)
-    if pt or pl or pb or pr: x = F.pad(x, (pl,pr,pt,pb), value=float(fill))
+    if pt or pl or pb or pr:
+        mode = {PadMode.Zeros:'constant', PadMode.Border:'replicate', PadMode.Reflection:'reflect'}[pad_mode]
+        if mode=='reflect' and (max(pt,pb) >= h or max(pl,pr) >= w): mode = 'replicate'   # mirroring needs pad < size
+        if mode=='constant': x = F.pad(x, (pl,pr,pt,pb), value=float(fill))
+        else:
+            y = x.reshape(-1, 1, h, w) if x.ndim==2 else x.reshape(-1, *x.shape[-3:])
+            x = F.pad(y.float(), (pl,pr,pt,pb), mode=mode).to(x.dtype).reshape(*x.shape[:-2], h+pt+pb, w+pl+pr)
     return x[..., top+pt:top+pt+ch, left+pl:left+pl+cw]
 
 def _resample(y, size, nearest:bool):
@@ -401,7 +407,7 @@ class DicomResize(RandTransform):
         if self.region is None: # called on a bare tensor, without `before_call`
             self._src_hw = tuple(x.shape[-2:])
             self.region = _region(*self._src_hw, self.size, self.method, (0.5,0.5))
-        return _resample(_crop_pad(x, *self.region, fill), self.size, nearest=mode=='nearest')
+        return _resample(_pad_region(x, *self.region, PadMode.Zeros, fill), self.size, nearest=mode=='nearest')
 
     def encodes(self, x:TensorDicom):
         return TensorDicom(self._resize(x.as_subclass(torch.Tensor), 'bilinear', x.min() if x.numel() else 0.), **x.__dict__)
@@ -418,19 +424,6 @@ class DicomResize(RandTransform):
         return type(x)(p.view(x.shape), **x.__dict__)
 
 # %% ../nbs/03_transforms.ipynb #rscd0001
-def _pad_region(x, top, left, ch, cw, pad_mode, fill):
-    "Cut rows `top`..`top+ch`, columns `left`..`left+cw` of `x` (..., H, W), padding per fastai's `pad_mode` outside it."
-    h,w = x.shape[-2:]
-    pt,pl,pb,pr = max(0,-top), max(0,-left), max(0,top+ch-h), max(0,left+cw-w)
-    if pt or pl or pb or pr:
-        mode = {PadMode.Zeros:'constant', PadMode.Border:'replicate', PadMode.Reflection:'reflect'}[pad_mode]
-        if mode=='reflect' and (max(pt,pb) >= h or max(pl,pr) >= w): mode = 'replicate'   # mirroring needs pad < size
-        if mode=='constant': x = F.pad(x, (pl,pr,pt,pb), value=float(fill))
-        else:
-            y = x.reshape(-1, 1, h, w) if x.ndim==2 else x.reshape(-1, *x.shape[-3:])
-            x = F.pad(y.float(), (pl,pr,pt,pb), mode=mode).to(x.dtype).reshape(*x.shape[:-2], h+pt+pb, w+pl+pr)
-    return x[..., top+pt:top+pt+ch, left+pl:left+pl+cw]
-
 @patch
 def crop_pad(x:TensorDicom|TensorMask, sz, tl=None, orig_sz=None, pad_mode=PadMode.Zeros, resize_mode=None, resize_to=None):
     "fastai's `crop_pad` on a DICOM tensor: the (w, h) region `sz` at `tl` (left, top), padded per `pad_mode`, resized to `resize_to` (w, h)."
