@@ -116,6 +116,25 @@ def test_augmentation_identical_geometry_for_image_and_mask(cases):
     ia, ma = aff((img, ms), split_idx=1)                          # validation: untouched
     assert torch.equal(ma, ms) and torch.equal(ia, img)
 
+def test_affine_grid_is_torchs_and_all_moved_batch_samples_whole():
+    "VolumeAffine builds F.affine_grid's grid by broadcasting (any shape, unit axes too) and, when every item moves, samples the batch as one."
+    import torch.nn.functional as F
+    from fastdcm.volume_data import _affine_grid
+    for shape in [(6, 9, 11), (1, 5, 7), (4, 1, 3)]:
+        th = volume_affines(3, shape, p_affine=1.)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')           # torch warns on unit-size grids; the values are what we compare
+            ref = F.affine_grid(th, (3, 1, *shape), align_corners=True)
+        got = _affine_grid(th, shape)
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-6)
+    torch.manual_seed(1)
+    x = TensorVolume(torch.randn(3, 1, 6, 9, 11), spacing=(1., 1., 1.))
+    aff = VolumeAffine(p_flip=0., p_affine=1.)
+    y = aff(x, split_idx=0)
+    ref = F.grid_sample(x.as_subclass(torch.Tensor), F.affine_grid(aff.theta, (3, 1, 6, 9, 11), align_corners=True),
+                        mode='bilinear', padding_mode='border', align_corners=True)
+    assert torch.allclose(y.as_subclass(torch.Tensor), ref, atol=1e-5)
+
 def test_crop_around_mask_keeps_foreground_and_origin(cases):
     c = cases[0]
     x, m = open_volume(c.folder), open_volume_mask(c.seg, c.folder)
