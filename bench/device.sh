@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benches as one prepared device run (see README "Benchmarks"): the device machine's python has torch but not
+# The GPU benches as one prepared device run: the device machine's python has torch but not
 # fastai/pydicom/MONAI/dicomsdl, so their wheels travel in .gpuwheels (fetch them here first:
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 -d .gpuwheels \
 #       fastai fastcore fastdownload 'fastprogress<1.1' fasttransform plum-dispatch beartype pydicom pylibjpeg \
