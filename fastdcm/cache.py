@@ -8,7 +8,7 @@ Docs: https://fastdcm.github.io/fastdcm/cache.html.md"""
 
 # %% ../nbs/02a_cache.ipynb #1c82319e
 from __future__ import annotations
-import os, json, hashlib, shutil, uuid
+import os, json, hashlib, shutil, uuid, errno, time, fnmatch
 from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
@@ -19,8 +19,10 @@ from .pixels import dicom_pixels
 __all__ = ['DecodeCache']
 
 # %% ../nbs/02a_cache.ipynb #2023d353
+_STALE_TMP_S = 3600   # a temporary file untouched this long was left by a killed process (a write takes milliseconds)
+
 class DecodeCache:
-    "Callable drop-in for `dicom_pixels` that stores each decoded result once in `folder` as a memory-mapped `.npy`."
+    "Callable drop-in for `dicom_pixels` that stores each decoded result once in `folder` as a memory-mapped `.npy`; several processes may share `folder`."
     def __init__(self, folder, decode=dicom_pixels):
         self.folder = Path(folder).expanduser()
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -51,28 +53,58 @@ class DecodeCache:
                 res = np.load(fn, mmap_mode='c')           # copy-on-write: writable for the caller, file untouched
                 self.hits += 1
                 return res
-            except (ValueError, OSError, EOFError): fn.unlink(missing_ok=True)   # unreadable entry: decode again
+            # unreadable (a machine crash before the data reached the disk): decoded again and replaced below; not
+            # unlinked, since another process may have just put a good entry there
+            except (ValueError, OSError, EOFError): pass
         x = np.ascontiguousarray(self.decode(src, **kw))
         self._store(fn, x)
         self.misses += 1
         return x
 
-    def _store(self, fn:Path, x:np.ndarray):
-        fn.parent.mkdir(parents=True, exist_ok=True)
+    def _store(self, fn:Path, x:np.ndarray, tries:int=5):
+        "Write `x` as `fn` atomically: a temporary file of this process's own (pid + random name) beside it, then `os.replace`, so a reader sees no entry or a whole one."
         tmp = fn.with_name(f'.{fn.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
         try:
-            with open(tmp, 'wb') as f: np.save(f, x)
-            os.replace(tmp, fn)
+            for i in range(tries):
+                fn.parent.mkdir(parents=True, exist_ok=True)
+                try: f = open(tmp, 'wb'); break
+                except FileNotFoundError:                  # another process's `clear()` removed the emptied subfolder
+                    if i == tries-1: raise
+            with f: np.save(f, x)
+            try: os.replace(tmp, fn)
+            except PermissionError:                        # Windows won't replace a file another process has mapped:
+                if not fn.exists(): raise                  # that entry has the same key, so the same pixels
         finally: tmp.unlink(missing_ok=True)
 
-    def __len__(self): return sum(1 for _ in self.folder.glob('??/*.npy'))
+    def _files(self, pattern:str='*.npy') -> list:
+        "The cache's files matching `pattern` in its `??` subfolders (entries by default); a subfolder another process removes meanwhile is skipped (pathlib's `glob` would raise)."
+        res = []
+        for d in fnmatch.filter(os.listdir(self.folder), '??'):
+            try: res += [self.folder/d/n for n in fnmatch.filter(os.listdir(self.folder/d), pattern)]
+            except (FileNotFoundError, NotADirectoryError): continue
+        return res
+    def _entries(self): return self._files('*.npy')
+    def __len__(self): return sum(1 for _ in self._entries())
     def nbytes(self) -> int:
         "Disk space used by the entries."
-        return sum(p.stat().st_size for p in self.folder.glob('??/*.npy'))
+        n = 0
+        for p in self._entries():
+            try: n += p.stat().st_size
+            except FileNotFoundError: continue             # removed by another process since the listing
+        return n
+
     def clear(self):
-        "Remove every entry (only the cache's own `??/*.npy` files and subfolders)."
-        for p in self.folder.glob('??/*.npy'): p.unlink()
-        for d in self.folder.glob('??'):
-            if d.is_dir() and not any(d.iterdir()): d.rmdir()
+        "Remove every entry, temporary files left by killed processes, and emptied subfolders (only the cache's own `??/` files); safe while other processes use or clear the folder."
+        for p in self._entries(): p.unlink(missing_ok=True)   # missing: another process cleared it first
+        old = time.time() - _STALE_TMP_S
+        for p in self._files('.*.tmp'):
+            try:
+                if p.stat().st_mtime < old: p.unlink(missing_ok=True)   # a fresh one is a write under way elsewhere
+            except FileNotFoundError: continue
+        for d in fnmatch.filter(os.listdir(self.folder), '??'):
+            try: (self.folder/d).rmdir()
+            except OSError as e:
+                # not empty (a user's file, or a write under way), or removed by another process: leave it
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR): raise
         self.hits = self.misses = 0
     def __repr__(self): return f'{type(self).__name__}({str(self.folder)!r}, hits={self.hits}, misses={self.misses})'

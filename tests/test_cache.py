@@ -115,3 +115,96 @@ def test_open_dicom_with_cache(tmp_path):
         want = transforms.open_dicom(f)
         for _ in range(2): assert (transforms.open_dicom(f, cache=cache) == want).all()
     assert (cache.hits, cache.misses) == (2, 2)
+
+# ---- several processes on one folder (issue 11: two ranks or DataLoader workers filling the same cache)
+import multiprocessing as mp, random, traceback
+
+def _big_cts(folder, n=6, size=768):
+    "`n` uncompressed CTs of `size`^2 pixels (entries of 2.3 MB: writing one takes long enough for another process to look at it)."
+    import pydicom
+    ds = pydicom.dcmread(get_testdata_file('CT_small.dcm'))
+    ds.Rows = ds.Columns = size
+    out = []
+    for i in range(n):
+        ds.PixelData = np.random.default_rng(i).integers(-1000, 2000, (size, size)).astype(np.int16).tobytes()
+        fn = Path(folder)/f'ct{i}.dcm'; ds.save_as(fn, enforce_file_format=True); out.append(str(fn))
+    return out
+
+def _worker(job, folder, files, seed, barrier, results):
+    "One process (spawned, like a torchrun rank): `job` is 'fill' (every file and stage, in the same order then in this process's own, each result checked against a fresh decode) or 'clear-fill' (clear the cache first, as a script run by every rank may)."
+    try:
+        cache = DecodeCache(folder)
+        calls = [(f, s) for f in files for s in ('modality', 'display')]
+        want = {c: dicom_pixels(c[0], stage=c[1]) for c in calls}      # decoded before the race starts
+        order = random.Random(seed)
+        barrier.wait(60)
+        if job == 'clear-fill': cache.clear()
+        wrong = 0
+        for i in range(3):
+            if i: order.shuffle(calls)            # the same order first (every process misses the same entry at once), then each its own
+            for f,s in calls: wrong += not np.array_equal(np.asarray(cache(f, stage=s)), want[(f, s)])
+        cache.nbytes(); len(cache)
+        if job == 'clear-fill': cache.clear()
+        results.put((seed, wrong, None))
+    except BaseException: results.put((seed, None, traceback.format_exc()))
+
+def _race(folder, files, jobs):
+    "Start one spawned process per job, released together by a barrier; {seed: wrong results} (a process that raised fails the test with its traceback)."
+    ctx = mp.get_context('spawn')
+    barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(job, folder, files, seed, barrier, results)) for seed,job in enumerate(jobs)]
+    for p in procs: p.start()
+    got = [results.get(timeout=180) for _ in procs]
+    for p in procs: p.join(60)
+    errors = [tb for _,_,tb in got if tb]
+    assert not errors, errors[0]
+    assert [p.exitcode for p in procs] == [0]*len(procs)
+    return {seed: wrong for seed,wrong,_ in got}
+
+def _check_entries(folder, files):
+    "Every entry left equals a fresh decode of its file, and nothing but entries is left (no temporary file)."
+    cache = DecodeCache(folder)
+    for f in files:
+        for s in ('modality', 'display'):
+            fn = cache.path(cache.key(f, stage=s, frame=None, window=None, pad_value=None))
+            if fn.exists(): np.testing.assert_array_equal(np.load(fn), dicom_pixels(f, stage=s))
+    left = [p for p in Path(folder).rglob('*') if p.is_file() and p.suffix != '.npy']
+    assert not left, left
+
+def test_spawned_processes_fill_one_cache(tmp_path):
+    "Three spawned processes fill one folder at once: every result any of them got equals a fresh decode, every entry left does too, and no temporary file is left."
+    files = _big_cts(tmp_path, n=4, size=1024)
+    assert _race(tmp_path/'c', files, ['fill']*3) == {0: 0, 1: 0, 2: 0}
+    _check_entries(tmp_path/'c', files)
+    assert len(DecodeCache(tmp_path/'c')) == 2*len(files)
+
+def test_spawned_processes_clear_while_others_fill(tmp_path):
+    "Every rank clearing the cache at start (and at the end) while the others fill it: no process fails, results stay right, nothing half-written or temporary is left."
+    files = _big_cts(tmp_path, n=4, size=256)
+    cache = DecodeCache(tmp_path/'c')
+    for i in range(300): cache._store(cache.path(f'{i:040x}'[::-1]), np.zeros(4, np.float32))   # many entries to clear at once
+    assert _race(tmp_path/'c', files, ['clear-fill', 'clear-fill', 'fill']) == {0: 0, 1: 0, 2: 0}
+    _check_entries(tmp_path/'c', files)
+
+def test_clear_removes_stale_temporaries_only(tmp_path):
+    "A temporary file left by a killed process is removed by `clear()` once it is old; a fresh one (a write under way elsewhere) is not."
+    cache = DecodeCache(tmp_path)
+    cache(get_testdata_file('CT_small.dcm'))
+    d = cache._entries()[0].parent
+    stale, fresh = d/'.abc.123.deadbeef.tmp', d/'.abd.124.feedbeef.tmp'
+    stale.write_bytes(b'half'); fresh.write_bytes(b'half')
+    os.utime(stale, (time.time() - 2*3600,)*2)
+    cache.clear()
+    assert len(cache) == 0 and not stale.exists() and fresh.exists()
+
+def test_replace_refused_by_a_reader_on_windows(tmp_path, monkeypatch):
+    "Windows refuses `os.replace` onto a file another process has mapped: the entry already there (same key) is kept, no error, no temporary left."
+    f = get_testdata_file('CT_small.dcm')
+    cache, other = DecodeCache(tmp_path), DecodeCache(tmp_path)
+    cache(f)
+    def refuse(src, dst): raise PermissionError(13, 'Access is denied', str(dst))
+    monkeypatch.setattr(os, 'replace', refuse)
+    other._store(cache._entries()[0], dicom_pixels(f))
+    np.testing.assert_array_equal(cache(f), dicom_pixels(f))
+    assert [p.name for p in tmp_path.rglob('*')  if p.is_file()] == [cache._entries()[0].name]
+    with pytest.raises(PermissionError): other._store(cache.path('ff' + '0'*38), dicom_pixels(f))   # no entry there: a real error
