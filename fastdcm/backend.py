@@ -1,6 +1,6 @@
 """An optional compiled reader for the hot path: dicomsdl parses the header in C++, numpy reads the stored pixel values, pydicom stays the reference and the fallback.
 
-Public API: `HEADER_KEYWORDS`, `DECLINE_KEYWORDS`, `available`, `load`
+Public API: `HEADER_KEYWORDS`, `DECLINE_KEYWORDS`, `available`, `Header`, `load`
 
 Docs: https://fastdcm.github.io/fastdcm/backend.html.md"""
 
@@ -8,9 +8,8 @@ Docs: https://fastdcm.github.io/fastdcm/backend.html.md"""
 
 # %% ../nbs/01a_backend.ipynb #c2fbee52
 from __future__ import annotations
-import os, struct
+import math, os, re, struct
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.datadict import tag_for_keyword
@@ -19,7 +18,7 @@ try: import dicomsdl as _sdl
 except ImportError: _sdl = None   # the optional extra is not installed: `load` declines everything
 
 # %% auto #0
-__all__ = ['HEADER_KEYWORDS', 'DECLINE_KEYWORDS', 'available', 'load']
+__all__ = ['HEADER_KEYWORDS', 'DECLINE_KEYWORDS', 'available', 'Header', 'load']
 
 # %% ../nbs/01a_backend.ipynb #5bfc4d42
 def available() -> bool:
@@ -27,31 +26,33 @@ def available() -> bool:
     return _sdl is not None
 
 # %% ../nbs/01a_backend.ipynb #b11d1005
-# the attributes the pixel pipeline reads from a classic image: `load`'s header carries those the file has
-HEADER_KEYWORDS = ('SpecificCharacterSet', 'ImageType', 'SOPClassUID', 'Modality', 'SliceThickness',
-    'StudyInstanceUID', 'SeriesInstanceUID', 'SeriesNumber', 'InstanceNumber', 'ImagePositionPatient',
-    'ImageOrientationPatient', 'SamplesPerPixel', 'PhotometricInterpretation', 'NumberOfFrames', 'Rows', 'Columns',
-    'PixelSpacing', 'BitsAllocated', 'BitsStored', 'HighBit', 'PixelRepresentation', 'PixelPaddingValue',
-    'PixelPaddingRangeLimit', 'WindowCenter', 'WindowWidth', 'RescaleIntercept', 'RescaleSlope', 'RescaleType',
-    'WindowCenterWidthExplanation', 'VOILUTFunction', 'PresentationLUTShape')
+# the attributes the pixel pipeline reads from a classic image, with how their bytes are encoded (PS3.5 6.2):
+# `load`'s header carries those the file has
+_KINDS = dict(SamplesPerPixel='US', Rows='US', Columns='US', BitsAllocated='US', BitsStored='US', PixelRepresentation='US',
+              PixelPaddingValue='US|SS', PixelPaddingRangeLimit='US|SS',   # signed when the VR says SS (implicit VR: when Pixel Representation is 1)
+              PhotometricInterpretation='CS', NumberOfFrames='IS', RescaleSlope='DS', RescaleIntercept='DS',
+              WindowCenter='DS', WindowWidth='DS', WindowCenterWidthExplanation='LO', VOILUTFunction='CS', PresentationLUTShape='CS')
+HEADER_KEYWORDS = tuple(_KINDS)
 # attributes whose presence leaves the file to pydicom (`load` returns None)
 DECLINE_KEYWORDS = ('ModalityLUTSequence', 'VOILUTSequence', 'PresentationLUTSequence', 'SharedFunctionalGroupsSequence',
     'PerFrameFunctionalGroupsSequence', 'RedPaletteColorLookupTableDescriptor', 'SegmentedRedPaletteColorLookupTableData',
     'FloatPixelData', 'DoubleFloatPixelData')
 
 def _tag_bytes(t): return struct.pack('<HH', t >> 16, t & 0xFFFF)
-# (tag as int for dicomsdl, as pydicom's Tag, as its 4 little-endian bytes in the file), in tag order like a read Dataset
-_HEADER_TAGS = sorted((int(tag_for_keyword(k)), Tag(tag_for_keyword(k)), _tag_bytes(tag_for_keyword(k))) for k in HEADER_KEYWORDS)
+# the VRs an explicit VR file may give each kind (anything else: pydicom converts it its own way, so the file is its)
+_EXPLICIT_VRS = {'US': (b'US',), 'US|SS': (b'US', b'SS'), 'CS': (b'CS',), 'IS': (b'IS',), 'DS': (b'DS',), 'LO': (b'LO',)}
+# (keyword, tag as int for dicomsdl, its 4 little-endian bytes in the file, kind, VRs allowed in explicit VR)
+_HEADER_TAGS = [(k, int(tag_for_keyword(k)), _tag_bytes(tag_for_keyword(k)), kind, _EXPLICIT_VRS[kind]) for k, kind in _KINDS.items()]
 _DECLINE_TAGS = [int(tag_for_keyword(k)) for k in DECLINE_KEYWORDS]
 _TS = Tag(0x00020010)
 _NATIVE = {'1.2.840.10008.1.2': True, '1.2.840.10008.1.2.1': False}   # transfer syntax -> implicit VR (both little endian)
 _PIXEL_TAG = _tag_bytes(0x7FE00010)
 _HEAD = 1 << 16   # bytes read first: most headers end well before
-_U16, _U32 = struct.Struct('<H').unpack_from, struct.Struct('<I').unpack_from
+_U16, _S16, _U32 = struct.Struct('<H').unpack_from, struct.Struct('<h').unpack_from, struct.Struct('<I').unpack_from
 
 # %% ../nbs/01a_backend.ipynb #69ab22ae
-def _raw(sds, buf, tag, T, tag_bytes, implicit):
-    "Element `tag` of dicomsdl's dataset `sds` as pydicom's own `RawDataElement` of the bytes in `buf`; None when absent; False when the bytes there don't hold it as dicomsdl says."
+def _element(sds, buf, tag, tag_bytes, implicit):
+    "(VR as the file spells it, or None in implicit VR; value bytes) of element `tag` of dicomsdl's dataset `sds`, read from `buf`; None when absent; False when the bytes there don't hold it as dicomsdl says."
     de = sds.getDataElement(tag)
     off = de.offset()
     if off == 0: return None   # absent (no value starts at byte 0: the preamble is there)
@@ -60,29 +61,38 @@ def _raw(sds, buf, tag, T, tag_bytes, implicit):
     if implicit:   # tag, 4-byte length (PS3.5 7.1.3)
         if buf[off-8:off-4] != tag_bytes or _U32(buf, off-4)[0] != n: return False
         vr = None   # pydicom looks the VR up in its dictionary, as for its own implicit VR read
-    elif buf[off-8:off-4] == tag_bytes and _U16(buf, off-2)[0] == n: vr = buf[off-4:off-2].decode('latin-1')   # tag, VR, 2-byte length
+    elif buf[off-8:off-4] == tag_bytes and _U16(buf, off-2)[0] == n: vr = buf[off-4:off-2]   # tag, VR, 2-byte length
     elif buf[off-12:off-8] == tag_bytes and buf[off-6:off-4] == b'\0\0' and _U32(buf, off-4)[0] == n:   # tag, VR, 0000, 4-byte length
-        vr = buf[off-8:off-6].decode('latin-1')
+        vr = buf[off-8:off-6]
     else: return False
-    return RawDataElement(T, vr, n, buf[off:off+n], off, implicit, True, True, False)
+    return vr, buf[off:off+n]
+
+def _raw(sds, buf, tag, T, tag_bytes, implicit):
+    "Element `tag` of dicomsdl's dataset `sds` as pydicom's own `RawDataElement` of the bytes in `buf` (pydicom converts it on access, as after its own read); None when absent; False when the bytes there don't hold it as dicomsdl says."
+    el = _element(sds, buf, tag, tag_bytes, implicit)
+    if not el: return el
+    vr, value = el
+    return RawDataElement(T, None if vr is None else vr.decode('latin-1'), len(value), value,
+                          sds.getDataElement(tag).offset(), implicit, True, True, False)
 
 # %% ../nbs/01a_backend.ipynb #9f806ba1
 def _transfer_syntax(head):
-    "The (0002,0010) Transfer Syntax UID element of the file meta at the start of `head`, or None."
+    "The (0002,0010) Transfer Syntax UID of the file meta at the start of `head`, or None."
     try: meta = _sdl.open_memory(head, False, 0x0002FFFF)   # parse the file meta group only
     except _sdl.DicomException: return None
-    return _raw(meta, head, int(_TS), _TS, _tag_bytes(int(_TS)), False) or None
+    el = _element(meta, head, int(_TS), _tag_bytes(int(_TS)), False)
+    return el[1].decode('latin-1').strip(' \0') if el and el[0] == b'UI' else None
 
 def _sentinel(implicit):
     "A Pixel Data element of length 0 in the dataset's encoding."
     return _PIXEL_TAG + (b'\0\0\0\0' if implicit else b'OW\0\0\0\0\0\0')
 
 def _locate(f, size):
-    "(header bytes, dicomsdl dataset, implicit VR, transfer syntax element, offset of the Pixel Data element) for the open file `f` of `size` bytes, or None."
+    "(header bytes, dicomsdl dataset, implicit VR, transfer syntax UID, offset of the Pixel Data element) for the open file `f` of `size` bytes, or None."
     head = f.read(_HEAD)
     if head[128:132] != b'DICM': return None   # no PS3.10 preamble: pydicom's reader is the one that copes
     ts = _transfer_syntax(head)
-    implicit = _NATIVE.get(ts.value.decode('latin-1').strip(' \0')) if ts else None
+    implicit = _NATIVE.get(ts)
     if implicit is None: return None   # compressed, big endian or deflated: pydicom's decoders
     start = 132
     for _ in range(16):   # a few false hits at most; past that, not worth the time
@@ -101,41 +111,64 @@ def _locate(f, size):
     return None
 
 # %% ../nbs/01a_backend.ipynb #14406e9e
+class Header(dict):
+    "The `HEADER_KEYWORDS` values a file holds, by keyword, as pydicom gives them (plain `int`, `float`, `str`; a tuple for several values; None or '' when empty); `filename` and `transfer_syntax` the file's."
+    filename = transfer_syntax = None
+    def __getattr__(self, k):
+        try: return self[k]
+        except KeyError: raise AttributeError(k) from None
+    def __repr__(self): return f'Header({self.filename!r}, {dict.__repr__(self)})'
+
+_PRINTABLE = re.compile(rb'[\x20-\x7e]*')
+_INT = re.compile(rb' *[+-]?[0-9]+ *')
+_DECIMAL = re.compile(rb' *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *')
+
+def _value(kind, v):
+    "The value of raw bytes `v` of `kind` as pydicom converts it, or False when that isn't certain (the file goes to pydicom)."
+    if kind in ('US', 'SS'): return (_U16 if kind == 'US' else _S16)(v)[0] if len(v) == 2 else False
+    t = v.rstrip(b' \0')   # the padding pydicom removes (PS3.5 6.2)
+    if not _PRINTABLE.fullmatch(t): return False
+    if kind == 'LO':
+        parts = tuple(p.rstrip(b' ').decode('ascii') for p in t.split(b'\\'))
+        return parts[0] if len(parts) == 1 else parts
+    if kind == 'CS': return False if b'\\' in t else t.strip(b' ').decode('ascii')
+    if not t.strip(b' '): return None   # empty number
+    if kind == 'IS': return int(t) if _INT.fullmatch(t) else False
+    parts = t.split(b'\\')
+    if not all(len(p.strip(b' ')) <= 16 and _DECIMAL.fullmatch(p) for p in parts): return False
+    vals = tuple(float(p) for p in parts)
+    if not all(map(math.isfinite, vals)): return False
+    return vals[0] if len(vals) == 1 else vals
+
 def _header(buf, sds, implicit, ts):
-    "A pydicom Dataset of the `HEADER_KEYWORDS` elements present, as raw bytes pydicom converts on access; None when the file holds a `DECLINE_KEYWORDS` element or dicomsdl's account doesn't match the bytes."
+    "A `Header` of the `HEADER_KEYWORDS` elements present; None when the file holds a `DECLINE_KEYWORDS` element, dicomsdl's account doesn't match the bytes, or a value isn't one `_value` converts with certainty."
     for t in _DECLINE_TAGS:
         if sds.getDataElement(t).offset(): return None
-    elems = {}
-    for t, T, tb in _HEADER_TAGS:
-        r = _raw(sds, buf, t, T, tb, implicit)
-        if r is False: return None
-        if r is not None: elems[T] = r
-    ds = Dataset(elems)
-    ds.file_meta = FileMetaDataset({_TS: ts._replace(value_tell=None)})
-    ds.set_original_encoding(implicit, True)
-    return ds
+    hdr = Header()
+    for kw, t, tb, kind, vrs in _HEADER_TAGS:
+        el = _element(sds, buf, t, tb, implicit)
+        if el is None: continue
+        if el is False or (el[0] is not None and el[0] not in vrs): return None
+        if kind == 'US|SS':   # pydicom's VR for it: the file's, or in implicit VR the one Pixel Representation implies
+            signed = el[0] == b'SS' if el[0] is not None else hdr.get('PixelRepresentation') == 1
+            kind = 'SS' if signed else 'US'
+        v = _value(kind, el[1])
+        if v is False: return None
+        hdr[kw] = v
+    hdr.transfer_syntax = ts
+    return hdr
 
 # %% ../nbs/01a_backend.ipynb #0a4fdd22
-def _us(ds, kw):
-    "A single US value from its raw bytes (little endian), None when absent or not exactly one value."
-    r = ds.get_item(kw, keep_deferred=True)
-    return _U16(r.value)[0] if r is not None and r.value is not None and len(r.value) == 2 else None
-
-def _text(ds, kw):
-    "A text value (CS/IS) from its raw bytes, without its padding; None when absent."
-    r = ds.get_item(kw, keep_deferred=True)
-    return None if r is None or r.value is None else r.value.decode('latin-1').strip(' \0')
-
-def _geometry(ds):
+def _geometry(hdr):
     "(rows, columns, frames, dtype, bits stored) when the stored values are native monochrome pixels pydicom decodes the same way, else None."
-    rows, cols, ba, bs, pr, spp = (_us(ds, k) for k in ('Rows', 'Columns', 'BitsAllocated', 'BitsStored', 'PixelRepresentation', 'SamplesPerPixel'))
+    rows, cols, ba, bs, pr, spp = (hdr.get(k) for k in ('Rows', 'Columns', 'BitsAllocated', 'BitsStored', 'PixelRepresentation', 'SamplesPerPixel'))
     if None in (rows, cols, ba, bs, pr, spp) or spp != 1 or ba not in (8, 16, 32) or pr not in (0, 1): return None
     if not 0 < bs <= ba or rows == 0 or cols == 0: return None
-    if _text(ds, 'PhotometricInterpretation') not in ('MONOCHROME1', 'MONOCHROME2'): return None
-    nf = _text(ds, 'NumberOfFrames')
-    if nf in (None, ''): nf = 1
-    elif not nf.isdigit() or int(nf) < 1: return None   # pydicom judges (and names) what a bad count means
-    return rows, cols, int(nf), np.dtype(f"<{'i' if pr else 'u'}{ba//8}"), bs
+    if hdr.get('PhotometricInterpretation') not in ('MONOCHROME1', 'MONOCHROME2'): return None
+    nf = hdr.get('NumberOfFrames')
+    if nf is None: nf = 1
+    elif nf < 1: return None   # pydicom judges (and names) what a bad count means
+    return rows, cols, nf, np.dtype(f"<{'i' if pr else 'u'}{ba//8}"), bs
 
 def _fix_bits(arr, bits):
     "Mask (unsigned) or sign-extend (signed) values whose Bits Stored < Bits Allocated (PS3.5 8.1.1), as pydicom does."
@@ -143,9 +176,9 @@ def _fix_bits(arr, bits):
     if shift > 0: np.left_shift(arr, shift, out=arr); np.right_shift(arr, shift, out=arr)
     return arr
 
-def _stored(f, ds, pos, implicit, size, frame):
+def _stored(f, hdr, pos, implicit, size, frame):
     "The stored values of `frame` (None: all) from `f`, whose Pixel Data element starts at byte `pos`; None to decline."
-    geo = _geometry(ds)
+    geo = _geometry(hdr)
     if geo is None: return None
     rows, cols, nf, dtype, bits = geo
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or not 0 <= frame < nf): return None
@@ -159,14 +192,13 @@ def _stored(f, ds, pos, implicit, size, frame):
     if not (length == need or (need % 2 and length == need + 1)) or start + length > size: return None
     first, count = (0, nf) if frame is None else (int(frame), 1)
     f.seek(start + first * rows * cols * dtype.itemsize)
-    arr = np.fromfile(f, dtype, count * rows * cols)
-    if arr.size != count * rows * cols: return None   # the file shrank under us
-    arr = _fix_bits(arr, bits)
-    return arr.reshape((nf, rows, cols) if frame is None and nf > 1 else (rows, cols))
+    arr = np.empty((count, rows, cols) if frame is None and nf > 1 else (rows, cols), dtype)
+    if f.readinto(arr.data.cast('B')) != arr.nbytes: return None   # the file shrank under us
+    return _fix_bits(arr, bits)
 
 # %% ../nbs/01a_backend.ipynb #f68edb62
 def load(src, frame:int|None=None):
-    "`(header, stored)` for the DICOM file at path `src` read by the compiled backend: `header` a pydicom Dataset of `HEADER_KEYWORDS`, `stored` the stored values as pydicom's `pixel_array` (or its `frame`); None when the backend isn't installed or leaves the file to pydicom."
+    "`(header, stored)` for the DICOM file at path `src` read by the compiled backend: `header` a `Header` of the `HEADER_KEYWORDS` values, `stored` the stored values as pydicom's `pixel_array` (or its `frame`); None when the backend isn't installed or leaves the file to pydicom."
     if _sdl is None or not isinstance(src, (str, os.PathLike)): return None
     level = _sdl.get_loglevel()
     _sdl.set_loglevel(_sdl.LogLevel.DISABLE)   # dicomsdl prints what it raises; a raise here is only a decline
@@ -176,10 +208,10 @@ def load(src, frame:int|None=None):
             found = _locate(f, size)
             if found is None: return None
             buf, sds, implicit, ts, pos = found
-            ds = _header(buf, sds, implicit, ts)
-            arr = None if ds is None else _stored(f, ds, pos, implicit, size, frame)
+            hdr = _header(buf, sds, implicit, ts)
+            arr = None if hdr is None else _stored(f, hdr, pos, implicit, size, frame)
     except OSError: return None   # missing, a folder, unreadable: pydicom's path raises the error the caller expects
     finally: _sdl.set_loglevel(level)
     if arr is None: return None
-    ds.filename = os.fspath(src)
-    return ds, arr
+    hdr.filename = os.fspath(src)
+    return hdr, arr

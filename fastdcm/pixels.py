@@ -19,6 +19,7 @@ from pydicom.pixels import apply_color_lut
 from pydicom.pixels.utils import get_expected_length
 from pydicom.encaps import parse_basic_offsets, parse_fragments, generate_frames
 from . import backend as _backend
+from .backend import Header as _Header
 from .core import (source_name, DicomError, NotDicomError, TruncatedDicomError, NoPixelDataError, PixelDataLengthError,
                           UnsupportedTransferSyntaxError, BadWindowError, dcmread, _open_mapped, _is_remote)
 
@@ -45,7 +46,9 @@ def _no_pixels(ds, name):
                                            'Pixel Data (7FE0,0010): the file is probably truncated')
     return NoPixelDataError(name, 'no Pixel Data (7FE0,0010): nothing to decode (not an image object)')
 
-_fname = source_name  # the name used in error messages for `src`
+def _fname(src):
+    "The name used in error messages for `src` (a path, bytes, a Dataset, or the compiled backend's `Header`)."
+    return src.filename if isinstance(src, _Header) else source_name(src)
 
 # attributes the pipeline reads for every file, by how their bytes are encoded (US, or a text VR: DS/IS/CS)
 _RAW_KINDS = {'SamplesPerPixel': 'US', 'Rows': 'US', 'Columns': 'US', 'BitsAllocated': 'US', 'BitsStored': 'US',
@@ -60,6 +63,9 @@ _RAW_TAGS = {k: Tag(pydicom.datadict.tag_for_keyword(k)) for k in _RAW_KINDS}
 
 def _get(ds, kw, default=None):
     "`ds.get(kw, default)`, read straight from the raw bytes when pydicom hasn't converted the element yet (a hot path)."
+    if isinstance(ds, _Header):   # the compiled backend's header: values already converted as pydicom would
+        v = ds.get(kw)
+        return default if v is None or v == '' else v
     raw = ds.get_item(_RAW_TAGS[kw], keep_deferred=True) if kw in _RAW_TAGS and isinstance(ds, Dataset) else False
     if raw is None: return default   # absent: most of these are optional, and pydicom's `get` is slow to say so
     if isinstance(raw, pydicom.dataelem.RawDataElement) and raw.value is not None:
@@ -602,8 +608,8 @@ def _apply_voi(x, spec, ds, lo_hi):
     return np.clip((x - np.float32(lo)) / np.float32(hi - lo), 0, 1)
 
 def _display_gray(mod, ds, window, frame, name, mask):
-    "VOI + presentation of grayscale modality values `mod` (frame by frame for enhanced objects)."
-    real = mod[~mask] if mask.any() else mod
+    "VOI + presentation of grayscale modality values `mod` (frame by frame for enhanced objects); `mask`: the padding pixels, None when there are none."
+    real = mod if mask is None else mod[~mask]
     lo_hi = (float(real.min()), float(real.max())) if real.size else (0., 0.)
     if _per_frame(ds, frame, mod):
         specs = [_window_spec(ds, window, i, name) for i in range(len(mod))]
@@ -658,10 +664,12 @@ def _pixels(src, stage, frame, window, pad_value, header=None, into=None):
         if window is None: return out / np.float32(2**_colour_bits(ds, stored) - 1)
         spec = _window_spec(ds, window, frame, name)
         return _apply_voi(out, spec, ds, (float(out.min()), float(out.max()))).astype(np.float32)
-    mask = _mask_from_stored(stored, ds)
+    # the padding pixels, None when there are none (most files declare no padding: no mask to build and scan)
+    mask = _mask_from_stored(stored, ds) if padding_range(ds) is not None else None
+    if mask is not None and not mask.any(): mask = None
     if stage == 'stored':
         out = stored.astype(np.float32)
-        if pad_value is not None and mask.any(): out[mask] = pad_value
+        if pad_value is not None and mask is not None: out[mask] = pad_value
         return out
     if pi == 'PALETTE COLOR' and stage == 'display':
         with warnings.catch_warnings():
@@ -669,18 +677,18 @@ def _pixels(src, stage, frame, window, pad_value, header=None, into=None):
             try: rgb = apply_color_lut(stored, ds)
             except Exception as e: raise PixelDecodeError(name, f'palette could not be applied: {type(e).__name__}: {e}') from e
         out = rgb.astype(np.float32) / np.float32(2**_palette_bits(ds, rgb) - 1)
-        if mask.any(): out[mask] = 0. if pad_value is None else pad_value
+        if mask is not None: out[mask] = 0. if pad_value is None else pad_value
         return out
     if stage == 'modality' and into is not None: _check_out(into, stored.shape, name)
     mod = modality_lut(stored, ds, frame, into if stage == 'modality' else None)   # written straight into `into`
-    if mask.any():
+    if mask is not None:
         if pad_value is None or stage == 'display':
             lo = mod.min(where=~mask, initial=np.inf)        # the smallest real value, without copying them out
             mod[mask] = lo if np.isfinite(lo) else 0.
         else: mod[mask] = pad_value
     if stage == 'modality': return mod
     out = _display_gray(mod, ds, window, frame, name, mask)
-    if mask.any(): out[mask] = 0. if pad_value is None else pad_value
+    if mask is not None: out[mask] = 0. if pad_value is None else pad_value
     return out
 
 # %% ../nbs/01_pixels.ipynb #2bda9a6d
