@@ -1,6 +1,6 @@
 """Training on several processes with fastai's `distrib_ctx`, on GPUs (NCCL) or on CPUs (gloo), with a validation loss that is the real one.
 
-Public API: `ExactValidation`, `distrib_ctx`, `shared_seed`
+Public API: `ExactValidation`, `distrib_ctx`, `shared_seed`, `split_digest`, `check_split`
 
 Docs: https://fastdcm.github.io/fastdcm/distributed.html.md"""
 
@@ -8,13 +8,15 @@ Docs: https://fastdcm.github.io/fastdcm/distributed.html.md"""
 
 # %% ../nbs/06a_distributed.ipynb #5e9199b4
 from __future__ import annotations
-import os, random, torch
+import os, random, json, hashlib, atexit, torch
+import pandas as pd
 from contextlib import contextmanager
 from fastai.basics import Callback
 from fastai.torch_core import to_detach, num_distrib, rank_distrib
+from .data import check_leakage
 
 # %% auto #0
-__all__ = ['ExactValidation', 'distrib_ctx', 'shared_seed']
+__all__ = ['ExactValidation', 'distrib_ctx', 'shared_seed', 'split_digest', 'check_split']
 
 # %% ../nbs/06a_distributed.ipynb #74762200
 def _fastai_distributed():
@@ -58,12 +60,46 @@ def distrib_ctx(learn, exact_valid:bool=True, **kwargs):
             if cb is not None: learn.remove_cb(cb)
 
 # %% ../nbs/06a_distributed.ipynb #b7f996ee
+def _process_group():
+    "Start torch's process group under `torchrun` if nobody has yet (NCCL with GPUs, gloo without), and end it when the script ends."
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+        # a gloo group left to the interpreter's teardown sometimes aborted the process ('terminate called without
+        # an active exception', SIGABRT: 1 run in 6 of tests/test_scale.py) after the script had finished
+        atexit.register(_end_process_group)
+
+def _end_process_group():
+    if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+
 def shared_seed(seed:int|None=None) -> int|None:
     "`seed`, or when None under `torchrun`, one random seed drawn by rank 0 and sent to every rank: pass it to the splitter so all ranks use one split."
     if seed is not None or num_distrib() <= 1: return seed
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    _process_group()
     dev = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
     t = torch.tensor([random.randrange(2**31) if rank_distrib() == 0 else 0], device=dev)
     torch.distributed.broadcast(t, 0)
     return int(t.item())
+
+# %% ../nbs/06a_distributed.ipynb #14b318fa
+def split_digest(dls, fn_col:str='fname') -> str:
+    "SHA-1 of the training and validation items of `dls` (a `DataLoaders` or `Datasets`): their `fn_col` (and `frame`) values for a DataFrame, else each item's `str`, sorted."
+    def ids(items):
+        if isinstance(items, pd.DataFrame):
+            cols = [c for c in (fn_col, 'frame') if c in items.columns]
+            return sorted(map(str, items[cols].itertuples(index=False, name=None))) if cols else sorted(map(str, items.index))
+        return sorted(map(str, items))
+    return hashlib.sha1(json.dumps([ids(dls.train.items), ids(dls.valid.items)]).encode()).hexdigest()
+
+def check_split(dls, col:str='PatientID', fn_col:str='fname', path=None, warn:bool=True) -> pd.DataFrame:
+    "`check_leakage` on the split of `dls`, after checking that every rank under `torchrun` holds this same split (`ValueError` naming the ranks otherwise)."
+    digest = split_digest(dls, fn_col)
+    if num_distrib() > 1:
+        _process_group()
+        digests = [None] * num_distrib()
+        torch.distributed.all_gather_object(digests, digest)
+        if len(set(digests)) > 1:
+            groups = {d: [r for r,x in enumerate(digests) if x == d] for d in dict.fromkeys(digests)}
+            raise ValueError(f"the ranks don't share one split: ranks {' | '.join(map(str, groups.values()))} each hold "
+                             "their own; the union of their training sets holds validation patients. Give the splitter a "
+                             "seed, or seed=shared_seed()")
+    return check_leakage(dls, col=col, fn_col=fn_col, path=path, warn=warn)

@@ -258,22 +258,26 @@ from pathlib import Path
 from fastai.vision.all import *
 from fastdcm.core import index_dicoms
 from fastdcm.data import DicomDataLoaders
-from fastdcm.distributed import distrib_ctx, shared_seed
+from fastdcm.distributed import distrib_ctx, shared_seed, check_split, split_digest
 torch.manual_seed(0)
 df = index_dicoms(sys.argv[1], progress=False, n_workers=0)
 df['label'] = df.PatientID.map(lambda p: int(p[1:]) % 2)
 dls = DicomDataLoaders.from_df(df, valid_pct=0.2, seed=shared_seed(), bs=4, num_workers=0, device='cpu')   # seed=None
 valid = sorted(Path(f).name for f in dls.valid.items.fname)
+leaks = len(check_split(dls))                     # the split every rank holds (checked across ranks), for leakage
+own = DicomDataLoaders.from_df(df, valid_pct=0.2 * (1 + int(os.environ['RANK'])), seed=0, bs=4, num_workers=0, device='cpu')
+try: check_split(own); mismatch = ''                 # ranks with splits of their own: every rank must refuse
+except ValueError as e: mismatch = str(e)
 model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 2))   # HU in, logits of order 1 out
 learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
 with distrib_ctx(learn): learn.fit(1, 1e-3)
-res = {'rank': int(os.environ['RANK']), 'valid': valid, 'values': [list(map(float, v)) for v in learn.recorder.values],
+res = {'rank': int(os.environ['RANK']), 'valid': valid, 'leaks': leaks, 'digest': split_digest(dls), 'mismatch': mismatch, 'values': [list(map(float, v)) for v in learn.recorder.values],
        'validate': float(learn.validate()[0])}
 Path(sys.argv[2], f"rank{os.environ['RANK']}.json").write_text(json.dumps(res))   # not stdout: progress bars interleave there
 '''
 
 def test_two_process_training_on_cpu(tmp_path):
-    "torchrun with 2 CPU processes (gloo): both ranks use the same patient split, the fit ends with finite losses, and the reported validation loss is the one a single process computes with the same weights."
+    "torchrun with 2 CPU processes (gloo): both ranks use the same patient split (`check_split` agrees and finds no leak; it refuses splits of each rank's own), the fit ends with finite losses, and the reported validation loss is the one a single process computes with the same weights."
     pytest.importorskip('accelerate', reason='multi-process training needs accelerate (in the dev extra)')
     import subprocess, sys, json, socket
     for i in range(15):                          # 5 patients of 3 images: the one valid patient's 3 don't split in 2
@@ -289,6 +293,8 @@ def test_two_process_training_on_cpu(tmp_path):
     assert p.returncode == 0 and len(res) == 2, p.stderr[-3000:]
     a, b = sorted(res, key=lambda r: r['rank'])
     assert a['valid'] == b['valid'] and len(a['valid']) == 3                             # one split for every rank
+    assert a['digest'] == b['digest'] and (a['leaks'], b['leaks']) == (0, 0)              # check_split: the same, no leak
+    assert "ranks [0] | [1]" in a['mismatch'] and b['mismatch'] == a['mismatch']          # and splits of their own refused
     assert a['values'] == b['values'] and all(np.isfinite(v) for v in a['values'][-1])
     assert a['validate'] > 0.01                                                          # a loss that can tell
     assert a['values'][-1][1] == pytest.approx(a['validate'], rel=1e-5)                 # the real validation loss
