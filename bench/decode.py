@@ -1,17 +1,29 @@
-"""Decode speed: fastdcm modality decode vs pydicom `pixel_array` + `apply_modality_lut` vs fastai `PILDicom.create`.
+"""Decode speed: fastdcm `dicom_pixels(f, 'modality')` with and without the `fast` extra, against pydicom
+(`dcmread` + `pixel_array` + `apply_modality_lut`, the anchor), fastai's `PILDicom.create` and dicomsdl's own float32
+path (`open_file(f).pixelData()`: header, pixels and rescale in C++, no checks), as ratios measured in one run.
 
-Writes N (default 200) 512x512 int16 CT files with pydicom into a temporary folder, reads each once to warm the OS
-cache, then times the three readers over all files (best of R rounds, interleaved) and prints files/s and ratios
-against pydicom measured in this same run. Not run in CI.
+Writes N (default 200) 512x512 int16 CT files with a realistic header with pydicom into a temporary folder, and copies
+of the first `--n-compressed` (default 40) in JPEG 2000 lossless (pylibjpeg-openjpeg's encoder) and JPEG-LS lossless
+(pyjpegls' encoder, when installed); reads each file once to warm the OS cache, checks that every fastdcm reader gives
+the same values as the others (and as pydicom), then times each reader over all files of a set (best of R rounds,
+readers interleaved) and prints files/s and ratios against pydicom measured in this same run.
 
-    python bench/decode.py [--n 200] [--size 512] [--rounds 3]
+- 'fastdcm, fast extra': as shipped with `pip install fastdcm[fast]` (dicomsdl reads uncompressed headers, CharLS
+  decodes JPEG-LS); 'fastdcm, pydicom only': the same code with the extra switched off (the plain install).
+
+Goals (issue 13): with the extra >= 4x pydicom on uncompressed 512x512 CT and >= 2x on JPEG 2000 / JPEG-LS; without
+it, no slower than before. CPU only (no --device: nothing here runs on a GPU). Not run in CI.
+
+    python bench/decode.py [--n 200] [--n-compressed 40] [--size 512] [--rounds 3]
 """
-import argparse, shutil, tempfile, time, warnings
+import argparse, contextlib, os, shutil, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, CTImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, CTImageStorage, generate_uid, JPEG2000Lossless, JPEGLSLossless
 from pydicom.pixels import apply_modality_lut
+import fastdcm.pixels as pixels
+from fastdcm import backend
 from fastdcm.pixels import dicom_pixels
 
 def write_ct(fn, arr, i, study, series):
@@ -55,6 +67,25 @@ def make_files(folder, n, size, seed=0):
         fn = folder/f'CT{i:04d}.dcm'; write_ct(fn, arr, i, study, series); files.append(fn)
     return files
 
+def compressed_copies(files, folder, uid):
+    "Copies of `files` compressed to transfer syntax `uid` by pydicom's encoders, or (None, why) when no encoder is installed."
+    out = []
+    for fn in files:
+        ds = pydicom.dcmread(fn)
+        try: ds.compress(uid, generate_instance_uid=False)
+        except (RuntimeError, NotImplementedError) as e: return None, f'{type(e).__name__}: {str(e).splitlines()[0]}'
+        dst = folder/f'{uid.name.split()[0]}_{fn.name}'; ds.save_as(dst); out.append(dst)
+    return out, None
+
+@contextlib.contextmanager
+def fast_extra(on:bool):
+    "`fastdcm.pixels` as shipped (`on`: the `fast` extra used where installed) or with the extra switched off (the plain install's path)."
+    load, jls = backend.load, pixels._decode_jpeg_ls
+    try:
+        if not on: backend.load, pixels._decode_jpeg_ls = (lambda *a, **k: None), (lambda *a, **k: None)
+        yield
+    finally: backend.load, pixels._decode_jpeg_ls = load, jls
+
 def read_fastdcm(fn): return dicom_pixels(fn, 'modality')
 def read_pydicom(fn):
     ds = pydicom.dcmread(fn)
@@ -67,38 +98,71 @@ def fastai_reader():
         return PILDicom.create, None
     except Exception as e: return None, f'{type(e).__name__}: {e}'
 
-def time_reader(f, files):
-    t0 = time.perf_counter()
-    for fn in files: f(fn)
-    return time.perf_counter() - t0
+def dicomsdl_reader():
+    "dicomsdl's own float32 path (rescale applied in C++), or None with the reason."
+    try: import dicomsdl
+    except ImportError as e: return None, f'{type(e).__name__}: {e}'
+    return (lambda fn: dicomsdl.open_file(str(fn)).pixelData()), None
 
-def main(n=200, size=512, rounds=3):
+FAST, PLAIN, PYD = 'fastdcm dicom_pixels, fast extra', 'fastdcm dicom_pixels, pydicom only', 'pydicom pixel_array + apply_modality_lut'
+
+def bench_set(name, files, rounds):
+    "Check, time and print every reader on `files`; returns {reader: files/s}."
+    with fast_extra(True): fast = read_fastdcm(files[0])
+    with fast_extra(False): plain = read_fastdcm(files[0])
+    assert fast.dtype == plain.dtype == np.float32 and np.array_equal(fast, plain), f'{name}: fastdcm with and without the extra differ'
+    np.testing.assert_allclose(fast, read_pydicom(files[0]), atol=1e-3)   # these files have no padding
+    readers = {FAST: (read_fastdcm, True), PLAIN: (read_fastdcm, False), PYD: (read_pydicom, None)}
+    notes = []
+    for label, (f, why) in {'fastai PILDicom.create': fastai_reader(), "dicomsdl's own pixelData() float32 (unchecked)": dicomsdl_reader()}.items():
+        if f is not None:
+            try: f(files[0]); readers[label] = (f, None)
+            except Exception as e: why = f'{type(e).__name__}: {e}'
+        if why: notes.append(f'{label}: not timed ({why})')
+    best = {k: float('inf') for k in readers}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for _ in range(rounds):
+            for k, (f, on) in readers.items():
+                with (fast_extra(on) if on is not None else contextlib.nullcontext()):
+                    t0 = time.perf_counter()
+                    for fn in files: f(fn)
+                    best[k] = min(best[k], time.perf_counter() - t0)
+    rate = {k: len(files)/t for k, t in best.items()}
+    print(f'\n{name}: {len(files)} files, best of {rounds} rounds')
+    for k, r in rate.items(): print(f'  {k:48s} {r:9,.1f} files/s   x{r/rate[PYD]:5.2f} vs pydicom')
+    for n in notes: print('  ' + n)
+    return rate
+
+def main(n=200, n_compressed=40, size=512, rounds=3):
     folder = Path(tempfile.mkdtemp(prefix='fastdcm_bench_'))
     try:
         files = make_files(folder, n, size)
-        for fn in files: fn.read_bytes()   # warm the OS cache
-        # same numbers from both (on all pixels: these files have no padding)
-        np.testing.assert_allclose(read_fastdcm(files[0]), read_pydicom(files[0]), atol=1e-3)
-        readers = {'fastdcm dicom_pixels (modality)': read_fastdcm, 'pydicom pixel_array + apply_modality_lut': read_pydicom}
-        pil, why = fastai_reader()
-        if pil is not None:
-            try: pil(files[0]); readers['fastai PILDicom.create'] = pil
-            except Exception as e: why = f'{type(e).__name__}: {e}'
-        best = {k: float('inf') for k in readers}
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            for _ in range(rounds):
-                for k, f in readers.items(): best[k] = min(best[k], time_reader(f, files))
-        base = n / best['pydicom pixel_array + apply_modality_lut']
-        print(f'{n} files, {size}x{size} int16 CT, best of {rounds} rounds')
-        for k, t in best.items(): print(f'{k:45s} {n/t:8.1f} files/s   x{(n/t)/base:5.2f} vs pydicom')
-        if pil is None or why: print(f'fastai PILDicom.create: not timed ({why})')
-        return {k: n/t for k, t in best.items()}
+        sets = {f'uncompressed {size}x{size} int16 CT': files}
+        skipped = []
+        for uid in (JPEG2000Lossless, JPEGLSLossless):
+            out, why = compressed_copies(files[:n_compressed], folder, uid)
+            if out: sets[f'{uid.name} {size}x{size} int16 CT'] = out
+            else: skipped.append(f'{uid.name}: no encoder to write the files ({why})')
+        for fs in sets.values():
+            for fn in fs: fn.read_bytes()   # warm the OS cache
+        print(f'os.cpu_count()={os.cpu_count()}, load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}; '
+              f'dicomsdl installed: {backend.available()}; pyjpegls installed: {_has("jpeg_ls")}')
+        res = {k: bench_set(k, fs, rounds) for k, fs in sets.items()}
+        for s in skipped: print(s)
+        print('\ngoals: fast extra / pydicom (>= 4 uncompressed, >= 2 JPEG 2000 / JPEG-LS); pydicom only / pydicom (no slower than before)')
+        for k, r in res.items(): print(f'  {k:40s} fast extra x{r[FAST]/r[PYD]:5.2f}   pydicom only x{r[PLAIN]/r[PYD]:5.2f}')
+        print(f'load average after: {os.getloadavg()[0]:.2f}')
+        return res
     finally: shutil.rmtree(folder, ignore_errors=True)
+
+def _has(mod):
+    try: __import__(mod); return True
+    except ImportError: return False
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--n', type=int, default=200); p.add_argument('--size', type=int, default=512)
-    p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--n', type=int, default=200); p.add_argument('--n-compressed', type=int, default=40)
+    p.add_argument('--size', type=int, default=512); p.add_argument('--rounds', type=int, default=3)
     a = p.parse_args()
-    main(a.n, a.size, a.rounds)
+    main(a.n, a.n_compressed, a.size, a.rounds)

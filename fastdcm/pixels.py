@@ -440,6 +440,7 @@ def _decode_pydicom(ds, frame, name):
             if ybr16:   # pydicom converts 8-bit YBR only
                 arr, _ = decoder.as_array(ds, index=None if nf == 1 else frame, as_rgb=False)
                 arr = ybr_full_to_rgb(arr, int(_get(ds, 'BitsStored') or _get(ds, 'BitsAllocated')))
+            elif (arr := _decode_jpeg_ls(ds, ts, decoder, frame, nf)) is not None: pass
             elif frame is None or nf == 1: arr = ds.pixel_array
             else: arr, _ = decoder.as_array(ds, index=frame, as_rgb=True)
     except DicomError: raise
@@ -494,8 +495,14 @@ _JPEG_TS = {'1.2.840.10008.1.2.4.50', '1.2.840.10008.1.2.4.51', '1.2.840.10008.1
 _J2K_TS = {'1.2.840.10008.1.2.4.90', '1.2.840.10008.1.2.4.91', '1.2.840.10008.1.2.4.201', '1.2.840.10008.1.2.4.202',
            '1.2.840.10008.1.2.4.203'}                                                   # JPEG 2000, HTJ2K (openjpeg)
 
+try: from pydicom.pixels.utils import _get_jpg_parameters as _jpg_parameters
+except ImportError: _jpg_parameters = lambda frame: {}   # a pydicom without it: libjpeg's parser below
+
 def _stream_geometry(frame, ts):
     "(rows, columns) that a JPEG, JPEG-LS or JPEG 2000 frame's own stream declares, read by its decoder plugin's header parser; None when no plugin can say (the decoder judges the stream later)."
+    if ts in _JPEG_TS:   # pydicom's own reader of the frame header (SOF marker): a few bytes, where libjpeg's reads the whole stream (5 ms on a 512 x 512 JPEG-LS frame, twice CharLS's decode)
+        p = _jpg_parameters(frame)
+        if p.get('height') and p.get('width'): return p['height'], p['width']   # 0 rows: given later by a DNL marker (ISO 10918-1 B.2.5)
     try:
         if ts in _J2K_TS: import openjpeg as codec
         elif ts in _JPEG_TS: import libjpeg as codec
@@ -563,6 +570,15 @@ def _load(src, frame=None, header=None):
                 if arr is not None: return ds, arr, name
     ds = dcmread(src)
     return ds, _decode_pydicom(ds, frame, name), name
+
+_JPEG_LS_TS = {'1.2.840.10008.1.2.4.80', '1.2.840.10008.1.2.4.81'}
+
+def _decode_jpeg_ls(ds, ts, decoder, frame, nf):
+    "JPEG-LS pixels decoded by CharLS through pydicom's `pyjpegls` plugin when it is installed (`fastdcm[fast]`), else None. pydicom tries pylibjpeg-libjpeg first, 5-7x slower on JPEG-LS; JPEG-LS decoding is exact (ISO 14495-1: lossless and near-lossless decoders reproduce the encoder's reconstruction), so the values are the same. A stream CharLS refuses goes back to pydicom's own choice, which raises today's error."
+    if ts not in _JPEG_LS_TS or 'pyjpegls' not in decoder.available_plugins: return None
+    try: return decoder.as_array(ds, index=None if frame is None or nf == 1 else frame, as_rgb=True, decoding_plugin='pyjpegls')[0]
+    except Exception: return None   # pydicom's default plugin decodes it, or raises the error the caller maps
+
 
 # %% ../nbs/01_pixels.ipynb #d7639ade
 STAGES = ('stored', 'modality', 'display')

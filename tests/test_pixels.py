@@ -377,3 +377,73 @@ def test_compressed_geometry_lies_refused_by_the_stream(tmp_path, src, geo):
     assert isinstance(err, PixelDecodeError) and 'big.dcm' in str(err) and '30000 x 30000' in str(err) and geo in str(err), err
     assert peak < 20 * f.stat().st_size + 2**20, peak
     np.testing.assert_array_equal(dicom_pixels(get_testdata_file(src), 'stored'), pydicom.dcmread(get_testdata_file(src)).pixel_array)
+
+# ---------------------------------------------------------------------------------------------------------------
+# JPEG-LS through CharLS (pyjpegls, the `fast` extra) when installed: the same values as pydicom's default plugin
+
+def _jpeg_ls_files():
+    import pydicom.uid as U
+    out = []
+    for f in installed_test_files():
+        try: ts = pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        except Exception: continue
+        if ts in (U.JPEGLSLossless, U.JPEGLSNearLossless): out.append(f)
+    return out
+
+def test_jpeg_ls_through_charls_equals_pydicom(monkeypatch, no_downloads):
+    "Every installed JPEG-LS test file (lossless and near-lossless, all frames and single frames, every stage) gives the same pixels, or the same typed error, through CharLS (pyjpegls) as through pydicom's first choice, pylibjpeg-libjpeg."
+    pytest.importorskip('jpeg_ls', reason='pyjpegls is not installed (pip install fastdcm[fast]): pydicom decodes JPEG-LS with its default plugin')
+    import fastdcm.pixels as px
+    files = _jpeg_ls_files()
+    assert len(files) >= 4, files
+    orig, decoded = px._decode_jpeg_ls, []
+    def charls(*a):
+        arr = orig(*a); decoded.append(arr is not None); return arr
+    def outcome(f, **k):
+        try: return dicom_pixels(f, **k)
+        except Exception as e: return e
+    for f in files:
+        nf = int(pydicom.dcmread(f, stop_before_pixels=True).get('NumberOfFrames') or 1)
+        ks = [dict(stage=s) for s in ('stored', 'modality', 'display')] + [dict(frame=i) for i in sorted({0, nf - 1})]
+        monkeypatch.setattr(px, '_decode_jpeg_ls', charls); decoded.clear()
+        fast = [outcome(f, **k) for k in ks]
+        assert any(decoded), f   # CharLS decoded it
+        monkeypatch.setattr(px, '_decode_jpeg_ls', lambda *a: None)   # pydicom's default plugin
+        ref = [outcome(f, **k) for k in ks]
+        for k, a, b in zip(ks, fast, ref):
+            if isinstance(b, Exception): assert type(a) is type(b) and str(a) == str(b), (f, k, a, b)
+            else: assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), (f, k)
+
+def _encapsulated_files(uids):
+    out = []
+    for f in installed_test_files():
+        try: ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception: continue
+        if ds.file_meta.get('TransferSyntaxUID') in uids: out.append(f)
+    return out
+
+def test_stream_geometry_reads_the_frame_header_as_libjpeg_does(no_downloads):
+    "For every installed JPEG and JPEG-LS test file, the rows and columns `_stream_geometry` reads from the first frame's header (pydicom's SOF reader) are what libjpeg's parser reports, which reads the whole stream."
+    import libjpeg
+    from pydicom.encaps import generate_frames
+    from fastdcm.pixels import _stream_geometry, _JPEG_TS
+    files = _encapsulated_files(_JPEG_TS)
+    assert len(files) >= 10
+    compared = 0
+    for f in files:
+        ds = pydicom.dcmread(f)
+        if 'PixelData' not in ds: continue
+        frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get('NumberOfFrames') or 1)))
+        try: p = libjpeg.get_parameters(frame)
+        except Exception: continue   # libjpeg can't parse it: the check is skipped either way
+        assert _stream_geometry(frame, ds.file_meta.TransferSyntaxUID) == (p['rows'], p['columns']), f
+        compared += 1
+    assert compared >= 10
+
+@pytest.mark.parametrize('name', ['MR_small_jpeg_ls_lossless.dcm', 'JPEG2000.dcm', 'SC_rgb_jpeg_dcmtk.dcm'])
+def test_header_larger_than_the_stream_refused(tmp_path, name):
+    "A header claiming more rows than the first frame's JPEG-LS / JPEG 2000 / JPEG stream holds is refused before any decoder allocates for it."
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.Rows = ds.Rows * 4
+    ds.save_as(tmp_path/'big.dcm')
+    with pytest.raises(PixelDecodeError, match='stream holds'): dicom_pixels(tmp_path/'big.dcm')
