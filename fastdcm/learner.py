@@ -8,7 +8,7 @@ Docs: https://fastdcm.github.io/fastdcm/learner.html.md"""
 
 # %% ../nbs/06_learner.ipynb #38a983f3
 from __future__ import annotations
-import time, warnings
+import itertools, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import store_attr, ifnone, listify
@@ -61,28 +61,43 @@ def pretrained_norm_stats(n_in:int, stats=imagenet_stats) -> tuple:
     return mean + [avg_m]*(n_in-3), std + [avg_s]*(n_in-3)
 
 # %% ../nbs/06_learner.ipynb #19ed8492
+def _running_bns(model, training_only:bool=False):
+    "The BatchNorm layers of `model` that keep running statistics (`training_only`: those in training mode now)."
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and (m.training or not training_only)]
+
 class RecalibrateBN(Callback):
-    "Before each validation during `fit`, recompute BatchNorm running stats as an average over `n_batches` training batches."
+    "Before each validation during `fit`, re-estimate BatchNorm running stats with the current weights on the inputs of the last `n_batches` training batches."
     order = 1
-    def __init__(self, n_batches:int=8): self.n_batches, self.trained = n_batches, False
-    # `get_preds`/`predict`/`tta` fire before_fit and before_validate too, but never before_train
-    def before_train(self): self.trained = True
+    def __init__(self, n_batches:int=4): self.n_batches, self.kept, self.bns = n_batches, [], []
+    def before_fit(self): self.kept = []
+    def after_batch(self):
+        # the inputs the training loop made (decoded, augmented, on the device), kept by reference: re-estimating on them
+        # decodes nothing again and draws nothing from the training loader's random state
+        if self.training: self.kept = (self.kept + [self.learn.xb])[-self.n_batches:]
+    # layers a callback keeps in eval mode while training (fastai's `BnFreeze`) keep their statistics
+    def after_train(self): self.bns = _running_bns(self.learn.model, training_only=True)
+    # `get_preds`/`predict`/`tta` fire before_validate too, but never a training batch: nothing is kept then
     def before_validate(self):
-        if self.trained: self.recalibrate()
-        self.trained = False
-    def recalibrate(self):
-        "Reset the BatchNorm running statistics and re-estimate them with the current weights."
-        bns = [m for m in self.learn.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if self.kept: self.recalibrate(self.kept, self.bns)
+        self.kept = []
+    def after_fit(self): self.kept = []
+    def recalibrate(self, xbs=None, bns=None):
+        "Reset the running statistics of `bns` (default: all) and re-estimate them as a plain average over the model inputs `xbs` (default: `n_batches` training batches)."
+        bns = _running_bns(self.learn.model) if bns is None else bns
         if not bns: return
-        moms, was_training = [m.momentum for m in bns], self.learn.model.training
+        if xbs is None: xbs = (b[:getattr(self.learn.dls, 'n_inp', 1)] for b in itertools.islice(self.learn.dls.train, self.n_batches))
+        model = self.learn.model
+        moms, modes = [m.momentum for m in bns], [(m, m.training) for m in model.modules()]
         for m in bns: m.reset_running_stats(); m.momentum = None      # None: cumulative average
-        self.learn.model.train()
-        with torch.no_grad():
-            for i,b in enumerate(self.learn.dls.train):
-                if i >= self.n_batches: break
-                self.learn.model(*b[:getattr(self.learn.dls, 'n_inp', 1)])
-        for m,mom in zip(bns, moms): m.momentum = mom
-        self.learn.model.train(was_training)
+        model.train()                                                  # as in training (dropout too) ...
+        for m in set(_running_bns(model)) - set(bns): m.eval()         # ... but frozen layers stay frozen
+        try:
+            with torch.no_grad():
+                for xb in xbs: model(*xb)
+        finally:
+            for m,mom in zip(bns, moms): m.momentum = mom
+            for m,mode in modes: m.training = mode
 
 # %% ../nbs/06_learner.ipynb #faafb942
 class RawValuesWarning(UserWarning):

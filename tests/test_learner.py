@@ -170,3 +170,62 @@ def test_run_demo_too_few_patients_says_so(tmp_path):
     "Too small a study set for one batch is a clear error, not fastai's 'no batches' deep in fit."
     with pytest.raises(ValueError, match='too few for batches'):
         run_demo(tmp_path/'demo', n_patients=4, images_per_patient=2, epochs=1, bs=16, verbose=False)
+
+class _Counted:
+    "A dataset of (x, 0.) pairs that counts the items fetched from it."
+    def __init__(self, xs): self.xs, self.fetched = xs, 0
+    def __len__(self): return len(self.xs)
+    def __getitem__(self, i): self.fetched += 1; return self.xs[i], torch.tensor(0.)
+
+def _bn_learner(xs, n_batches, shuffle=False, bs=8):
+    "A Learner on a single BatchNorm (zero loss: the weights never move) with `RecalibrateBN(n_batches)`."
+    from fastai.learner import Learner
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    trn = _Counted(xs)
+    dls = DataLoaders(DataLoader(trn, bs=bs, shuffle=shuffle), DataLoader(_Counted(xs[:bs]), bs=bs))
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(xs.shape[1]))
+    return Learner(dls, model, loss_func=lambda p, y: p.sum() * 0, cbs=RecalibrateBN(n_batches=n_batches)), trn
+
+def test_recalibrate_bn_in_fit_reuses_the_last_training_inputs():
+    "In `fit`, the statistics are re-estimated on the inputs of the epoch's last `n_batches` training batches: no item is loaded twice."
+    torch.manual_seed(0)
+    xs = torch.randn(32, 3) * 5 + torch.arange(32.)[:, None]   # each batch of 8 has its own mean: which batches count shows
+    learn, trn = _bn_learner(xs, n_batches=2)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    assert trn.fetched == 32                                    # one pass over the training set, nothing decoded again
+    bn = learn.model[0]
+    np.testing.assert_allclose(bn.running_mean.numpy(), xs[16:].mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(bn.running_var.numpy(), np.mean([b.var(0).numpy() for b in xs[16:].split(8)], 0), rtol=1e-4)
+    assert bn.momentum == 0.1 and learn.recalibrate_bn.kept == []   # restored; no batch held after fit
+
+def test_recalibrate_bn_leaves_training_unchanged():
+    "With or without `RecalibrateBN`, training draws the same batches: the callback changes only what validation sees."
+    from fastai.learner import Learner
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastai.torch_core import set_seed
+    torch.manual_seed(0)
+    xs, ys = torch.randn(48, 4), torch.randint(0, 2, (48,))
+    def fit(cbs):
+        set_seed(1)
+        dls = DataLoaders(DataLoader(list(zip(xs, ys)), bs=8, shuffle=True, drop_last=True), DataLoader(list(zip(xs, ys)), bs=8))
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+        learn = Learner(dls, model, loss_func=torch.nn.CrossEntropyLoss(), lr=0.1, cbs=cbs)
+        with learn.no_bar(), learn.no_logging(): learn.fit(3)
+        return [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(fit([]), fit([RecalibrateBN(n_batches=2)])): assert torch.equal(a, b)
+
+def test_recalibrate_bn_spares_frozen_batchnorm():
+    "BatchNorm layers kept in eval mode while training (fastai's `BnFreeze`) keep their running statistics."
+    from fastai.callback.training import BnFreeze
+    torch.manual_seed(0)
+    xs = torch.randn(32, 3) * 5 + 7
+    learn, _ = _bn_learner(xs, n_batches=2)
+    bn = learn.model[0]
+    bn.running_mean.fill_(1.); bn.running_var.fill_(2.)
+    bn.requires_grad_(False)                                            # a frozen layer, as in a frozen pretrained body
+    learn.add_cb(BnFreeze())
+    learn.model = torch.nn.Sequential(torch.nn.Linear(3, 3), bn)      # BnFreeze freezes BN below a trainable layer
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    assert torch.equal(bn.running_mean, torch.ones(3)) and torch.equal(bn.running_var, torch.full((3,), 2.))
