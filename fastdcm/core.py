@@ -18,6 +18,8 @@ import numpy as np, pandas as pd
 import pydicom
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.valuerep import AMBIGUOUS_VR
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName, DSfloat, DSdecimal, IS
 from pydicom.datadict import dictionary_VM
@@ -301,11 +303,25 @@ def _clip_text(v, el, notes):
         return v[:_MAX_CHARS]
     return v
 
+_CHARSET_TAG = 0x00080005
+
+def _converted(ds, tag, charset):
+    "`ds[tag]` as pydicom converts it, without storing it back into `ds`: pydicom's own `convert_raw_data_element` with the arguments `Dataset.__getitem__` gives it, minus the dataset's bookkeeping (a quarter of an index's time on CT headers); sequences, ambiguous VRs, deferred values and (0008,0005) itself still go through `ds[tag]`."
+    raw = ds.get_item(tag, keep_deferred=True)
+    if type(raw) is RawDataElement and not (raw.value is None and raw.length != 0) and tag != _CHARSET_TAG:
+        el = convert_raw_data_element(raw, encoding=charset(), ds=ds)
+        if el.VR != 'SQ' and el.VR not in AMBIGUOUS_VR: return el
+    return ds[tag]
+
 def header_dict(ds:Dataset, split:bool=True, notes:list|None=None) -> dict:
     "Flat dict of `ds`'s top-level elements by keyword. `split`: multi-values in numbered keys `kw`, `kw1`, ...; else one key per element, a tuple for elements whose VM allows several values. Values beyond 1,024 or text beyond 10,240 characters are cut, and text where a number belongs left out, each with a line in `notes`."
     res, notes = {}, ([] if notes is None else notes)
+    cs = []
+    def charset():   # as pydicom finds it for each element: when first needed (converting (0008,0005) if it is there)
+        if not cs: cs.append(ds.original_character_set or ds._character_set)
+        return cs[0]
     for tag in ds.keys():
-        try: el = ds[tag]
+        try: el = _converted(ds, tag, charset)
         except Exception as e:  # pydicom converts lazily: a corrupt element only fails here
             raise NotDicomError(getattr(ds, 'filename', None), f'element {tag} cannot be decoded: {e}') from e
         kw = el.keyword
@@ -344,16 +360,19 @@ def _frame_count(ds, fn, notes):
         return 1
     return n
 
+def _header_row(ds, fn, frames):
+    "(index row, number of frames) of the header `ds` read from `fn`."
+    notes = []
+    with warnings.catch_warnings():   # pydicom warns on each odd value it converts: thousands of lines from a scan
+        warnings.simplefilter('ignore')
+        row = {'fname': str(fn), **header_dict(ds, split=False, notes=notes)}
+    n = _frame_count(ds, fn, notes) if frames else 1
+    row['error'] = ('HeaderValueError: ' + '; '.join(notes)) if notes else None
+    return row, n
+
 def _index_one(fn, force=False, frames=False, storage_options=None):
     "The index rows of one file: one (or one per frame), with the file's problems in `error`; never raises."
-    try:
-        ds = dcmread(fn, force=force, stop_before_pixels=True, storage_options=storage_options)
-        notes = []
-        with warnings.catch_warnings():   # pydicom warns on each odd value it converts: thousands of lines from a scan
-            warnings.simplefilter('ignore')
-            row = {'fname': str(fn), **header_dict(ds, split=False, notes=notes)}
-        n = _frame_count(ds, fn, notes) if frames else 1
-        row['error'] = ('HeaderValueError: ' + '; '.join(notes)) if notes else None
+    try: row, n = _header_row(dcmread(fn, force=force, stop_before_pixels=True, storage_options=storage_options), fn, frames)
     except Exception as e:  # a bad file becomes a row, never stops the scan
         row, n = {'fname': str(fn), 'error': f'{type(e).__name__}: {e}'}, 1
     if not frames: return [row]

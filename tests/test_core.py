@@ -150,3 +150,49 @@ def test_open_file_with_a_lying_length_allocates_nothing(tmp_path):
         a.seek(0); ds = dcmread(a, stop_before_pixels=True); pydicom.dcmread(p, stop_before_pixels=True)
         assert a.tell() == p.tell() and ds.filename == CT and ds.Rows == 128
         np.testing.assert_array_equal(dcmread(open(CT, 'rb')).pixel_array, pydicom.dcmread(CT).pixel_array)
+
+# ---------------------------------------------------------------------------------------------------------------
+# header_dict converts raw elements with pydicom's own conversion, without the Dataset's bookkeeping: same index
+
+from conftest import installed_test_files   # and the `no_downloads` fixture
+
+def _charset_and_odd_files(d):
+    "Headers whose conversion depends on the character set, ambiguous VRs, sequences, private and undecodable values."
+    d.mkdir(parents=True, exist_ok=True)
+    ct = pydicom.dcmread(get_testdata_file('CT_small.dcm'))
+    out = []
+    for i, (cs, name) in enumerate([('ISO_IR 100', 'Müller^Jürgen'), ('ISO_IR 192', 'Лиза^Ёж'), ('ISO 2022 IR 87', 'ﾔﾏﾀﾞ^ﾀﾛｳ'),
+                                    ('ISO_IR 144', 'Иванов^Иван'), (None, 'Plain^Name')]):
+        ds = ct.copy()
+        if cs is None: del ds.SpecificCharacterSet
+        else: ds.SpecificCharacterSet = cs
+        ds.PatientName, ds.StudyDescription = name, f'{name} étude'
+        ds.add_new(0x00091010, 'LO', 'private text')
+        ds.ReferencedImageSequence = pydicom.Sequence([pydicom.Dataset()])
+        ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID = '1.2.3'
+        f = d/f'cs{i}.dcm'
+        try: ds.save_as(f)
+        except Exception: continue   # a character set pydicom can't encode that name in
+        out.append(f)
+    ds = ct.copy()   # text where numbers belong (notes in `error`), written as raw bytes (pydicom refuses to encode them)
+    from pydicom.dataelem import RawDataElement
+    for tag, vr, v in ((0x00200013, 'IS', b'1A'), (0x00180050, 'DS', b'1,5 ')):
+        ds[tag] = RawDataElement(pydicom.tag.Tag(tag), vr, len(v), v, 0, False, True)
+    ds.save_as(d/'odd.dcm'); out.append(d/'odd.dcm')
+    return out
+
+def test_index_same_with_pydicoms_conversion_route(tmp_path, monkeypatch, no_downloads):
+    "`index_dicoms` (rows per file and per frame, every column, errors included) is the same when each element goes through `Dataset.__getitem__` as before, on pydicom's test files, `fastdcm.synth`'s study set and bad files, and headers in several character sets."
+    import fastdcm.core as core
+    from fastdcm.synth import synth_study_set, synth_bad_files
+    synth_study_set(tmp_path/'synth', n_patients=3, images_per_patient=2, size=32)
+    files = (installed_test_files() + get_dicom_files(tmp_path/'synth') + list(synth_bad_files(tmp_path/'bad').values())
+             + _charset_and_odd_files(tmp_path/'cs'))
+    fast = index_dicoms(files, n_workers=0, progress=False)
+    fast_frames = index_dicoms(files[:40], n_workers=0, progress=False, frames=True)
+    monkeypatch.setattr(core, '_converted', lambda ds, tag, charset: ds[tag])   # pydicom's Dataset route, as before
+    ref = index_dicoms(files, n_workers=0, progress=False)
+    pd.testing.assert_frame_equal(fast, ref)
+    pd.testing.assert_frame_equal(fast_frames, index_dicoms(files[:40], n_workers=0, progress=False, frames=True))
+    assert fast['error'].notna().sum() >= 5 and len(fast.columns) > 200   # errors and many columns were compared
+    assert {'Müller^Jürgen', 'Лиза^Ёж'} <= set(fast['PatientName'].dropna())
