@@ -166,9 +166,17 @@ def cmd_anonymize(args):
     return 1 if res['failed'] else 0
 
 def cmd_demo(args):
-    from fastdcm.learner import run_demo
+    "`fastdcm.learner.run_demo`, or `fastdcm.volume_learner.run_demo_3d` with `--3d`; options not given keep the function's defaults."
     kw = {k: v for k, v in dict(out=args.out, epochs=args.epochs, n_patients=args.n_patients, seed=args.seed).items() if v is not None}
-    run_demo(pretrained=args.pretrained, verbose=True, **kw)   # it prints the split, the metrics (once) and where the pictures are
+    if not args.three_d:
+        from fastdcm.learner import run_demo
+        run_demo(pretrained=args.pretrained, verbose=True, **kw)   # it prints the split, the metrics (once) and where the pictures are
+        return 0
+    if args.pretrained: raise SystemExit('fastdcm demo: --pretrained is for the 2-D demo; the 3-D U-Net starts from random weights')
+    from fastdcm.volume_learner import run_demo_3d, _monai_nets
+    try: _monai_nets()           # say it before anything is written
+    except ImportError as e: raise SystemExit(f'fastdcm demo --3d: {e}') from None
+    run_demo_3d(verbose=True, **kw)   # it prints the split, the Dice and where the files are
     return 0
 
 # %% ../nbs/09_cli.ipynb #9cbb2c52
@@ -196,6 +204,15 @@ def _inputs(args) -> str:
     "The file(s) a command was reading, to name in an error"
     fs = getattr(args, 'files', None) or [getattr(args, a) for a in ('file', 'src') if getattr(args, a, None)]
     return ', '.join(str(f) for f in fs) or '?'
+
+# the defaults of fastdcm.learner.run_demo and fastdcm.volume_learner.run_demo_3d (a test keeps them equal):
+# --help shows them without importing fastai; an option left out keeps the function's own default
+_DEMO_DEFAULTS = {'2d': dict(out='demo_out', epochs=4, n_patients=64, seed=42),
+                  '3d': dict(out='a new temporary folder', epochs=30, n_patients=16, seed=42)}
+
+def _demo_help(text, key):
+    d2, d3 = _DEMO_DEFAULTS['2d'][key], _DEMO_DEFAULTS['3d'][key]
+    return f'{text} (default: {d2})' if d2 == d3 else f'{text} (default: {d2}; with --3d: {d3})'
 
 def make_parser() -> argparse.ArgumentParser:
     "The `fastdcm` argument parser, one subparser per command."
@@ -228,13 +245,16 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument('--skip-burned-in', action='store_true', help=_BURNED_HELP)
     s.add_argument('--descriptors', choices=['clean', 'retain'], default='clean', help='PS3.15 Clean Descriptors (default) or Retain Descriptors option')
     s.set_defaults(func=cmd_anonymize)
-    s = sub.add_parser('demo', help='train the synthetic demo', description='Train a small model on synthetic DICOMs (fastdcm.learner.run_demo) and print its metrics.',
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # the same defaults as fastdcm.learner.run_demo (a test keeps them equal): --help shows them without importing fastai
-    s.add_argument('--out', default='demo_out', help='output folder'); s.add_argument('--epochs', type=int, default=4, help='training epochs')
-    s.add_argument('--n-patients', type=int, default=64, help='synthetic patients (4 images each)')
-    s.add_argument('--seed', type=int, default=42, help='seed of the data, the split and the weights')
-    s.add_argument('--pretrained', action='store_true', help='start from ImageNet weights (needs network)')
+    s = sub.add_parser('demo', help='train the synthetic demo (2-D, or 3-D with --3d)',
+                       description='Train a small model on synthetic DICOMs on the CPU, split by patient, and print its metrics: '
+                       'a classifier on radiographs and CT slices (fastdcm.learner.run_demo), or with --3d a 3-D U-Net segmenting '
+                       'nodules in CT series from their DICOM SEG (fastdcm.volume_learner.run_demo_3d; needs the 3d extra).')
+    s.add_argument('--3d', dest='three_d', action='store_true', help='the 3-D demo: CT series + DICOM SEG, U-Net, Dice on held-out series')
+    s.add_argument('--out', default=None, help=_demo_help('output folder', 'out'))
+    s.add_argument('--epochs', type=int, default=None, help=_demo_help('training epochs', 'epochs'))
+    s.add_argument('--n-patients', type=int, default=None, help=_demo_help('synthetic patients: 4 images each, or one CT series with --3d', 'n_patients'))
+    s.add_argument('--seed', type=int, default=None, help=_demo_help('seed of the data, the split and the weights', 'seed'))
+    s.add_argument('--pretrained', action='store_true', help='start from ImageNet weights (needs network; 2-D only)')
     s.set_defaults(func=cmd_demo)
     return p
 

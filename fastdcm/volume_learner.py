@@ -1,6 +1,6 @@
 """3-D classification, regression and segmentation learners on DICOM series, with MONAI's networks; `predict` on a series folder, sliding windows, flip TTA.
 
-Public API: `volume_classifier`, `volume_segmenter`, `DiceCELoss3D`, `VolumeLearner`, `volume_learner`, `volume_unet_learner`
+Public API: `volume_classifier`, `volume_segmenter`, `DiceCELoss3D`, `VolumeLearner`, `volume_learner`, `volume_unet_learner`, `run_demo_3d`
 
 Docs: https://fastdcm.github.io/fastdcm/volume_learner.html.md"""
 
@@ -21,7 +21,8 @@ from .volume_data import (TensorVolume, TensorMask3D, open_volume, ResampleVolum
                                  _crop_pad3d, OpenVolumeMask)
 
 # %% auto #0
-__all__ = ['volume_classifier', 'volume_segmenter', 'DiceCELoss3D', 'VolumeLearner', 'volume_learner', 'volume_unet_learner']
+__all__ = ['volume_classifier', 'volume_segmenter', 'DiceCELoss3D', 'VolumeLearner', 'volume_learner', 'volume_unet_learner',
+           'run_demo_3d']
 
 # %% ../nbs/12_volume_learner.ipynb #55096bad
 def _monai_nets():
@@ -163,3 +164,77 @@ def volume_unet_learner(dls, arch:str|nn.Module='unet', n_out:int|None=None, los
     model = arch if isinstance(arch, nn.Module) else volume_segmenter(arch, _n_in(dls), n_out, channels=channels)
     if metrics is None: metrics = [Dice() if n_out == 2 else DiceMulti()]
     return VolumeLearner(dls, model, loss_func=loss_func or DiceCELoss3D(), metrics=metrics, **kwargs)
+
+# %% ../nbs/12_volume_learner.ipynb #dae626fe
+import time, tempfile
+from pathlib import Path
+import pandas as pd
+from fastai.torch_core import set_seed
+from fastai.data.block import DataBlock
+from fastai.data.transforms import ColReader
+from .synth import synth_nodule_series
+from .data import PatientSplitter, check_leakage
+from .volume import load_series
+from .volume_data import VolumeBlock, VolumeMaskBlock, open_volume_mask, aug_volume_transforms, VolumeWindow
+
+def _dice(a, b) -> float:
+    "Dice of two boolean masks (1 when both are empty)."
+    s = int(a.sum()) + int(b.sum())
+    return 2*int((a & b).sum())/s if s else 1.
+
+def run_demo_3d(out=None, # folder for the series, SEG and picture (None: a new temporary folder)
+                n_patients:int=16, # synthetic patients, one CT series with a nodule each
+                epochs:int=30, size:int=32, # voxels along each side of a series (1 mm isotropic)
+                patch:int=24, # training crops, patch^3 voxels around the nodules
+                bs:int=2, lr:float=1e-2, channels=(16, 32, 64), # U-Net channels per level
+                seed:int=42, # seed of the data, the split and the weights
+                valid_pct:float=0.25, tta:bool=True, verbose:bool=True) -> dict:
+    "Write synthetic CT series and their DICOM SEG, train a 3-D U-Net split by patient on the CPU, predict the held-out series; returns the Dice."
+    _monai_nets()                  # before anything is written: the U-Net needs the 3d extra
+    import matplotlib
+    if matplotlib.get_backend().lower() not in ('agg', 'module://matplotlib_inline.backend_inline'): matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    start = time.time()
+    out = Path(tempfile.mkdtemp(prefix='fastdcm_demo3d_')) if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = print if verbose else (lambda *a, **k: None)
+    set_seed(seed, reproducible=True)
+    say(f'Writing {n_patients} synthetic CT series ({size}^3 voxels, a nodule in each) and their DICOM SEG to {out/"data"} ...')
+    cases = [synth_nodule_series(out/'data'/f'P{i:03d}', n_slices=size, size=size, seed=seed+i, patient_id=f'P{i:03d}',
+                                 rtstruct=False) for i in range(n_patients)]
+    df = pd.DataFrame([dict(PatientID=c.patient_id, folder=str(c.folder), fnames=[str(f) for f in c.files], mask=str(c.seg))
+                       for c in cases])
+    df['volume'] = [load_series(f) for f in df.fnames]     # each series read and checked once, not once per epoch
+    codes = ['background', 'nodule']
+    db = DataBlock(blocks=(VolumeBlock(), VolumeMaskBlock(codes=codes)), get_x=ColReader('volume'),   # the mask: SEG of the row
+                   splitter=PatientSplitter(valid_pct, seed=seed), item_tfms=CropPadVolume(patch, method='mask'),
+                   batch_tfms=[*aug_volume_transforms(), VolumeWindow('soft_tissue')])
+    dls = db.dataloaders(df, bs=bs, num_workers=0)
+    leaks = check_leakage(dls)
+    n_trn, n_val = len(dls.train_ds), len(dls.valid_ds)
+    df.assign(split=np.where(df.PatientID.isin(set(dls.valid.items.PatientID)), 'valid', 'train'))[
+        ['PatientID', 'split', 'folder', 'mask']].to_csv(out/'series.csv', index=False)
+    say(f'{n_trn} training / {n_val} validation patients; patients in both sets: {len(leaks)}')
+    if len(dls.train) == 0 or n_val == 0:
+        raise ValueError(f'{n_trn} training / {n_val} validation patients are too few for batches of {bs}: '
+                         f'use more patients (n_patients={n_patients}) or a smaller bs')
+    learn = volume_unet_learner(dls, channels=channels)
+    learn.fit_one_cycle(epochs, lr)
+    valid_loss, patch_dice = map(float, learn.validate())
+    dice = {}
+    for r in df[df.PatientID.isin(set(dls.valid.items.PatientID))].itertuples():   # whole held-out series, from their folders
+        mask, _, _ = learn.predict(r.folder, tta=tta)
+        truth = open_volume_mask(r.mask, r.fnames, codes=codes)
+        dice[r.PatientID] = _dice(mask.numpy() == 1, truth.numpy() == 1)
+        mask_shape, series_shape, predicted = tuple(mask.shape), tuple(r.volume.array.shape), r.folder
+    learn.show_results(max_n=3)
+    plt.gcf().savefig(out/'show_results.png', dpi=80, bbox_inches='tight'); plt.close('all')
+    res = dict(dice=float(np.mean(list(dice.values()))), dice_per_patient=dice, patch_dice=patch_dice, valid_loss=valid_loss,
+               n_train=n_trn, n_valid=n_val, n_leaking_patients=len(leaks), predicted=predicted, mask_shape=mask_shape,
+               series_shape=series_shape, seconds=round(time.time() - start, 1), out=str(out), learn=learn)
+    say(f'Validation patches ({patch}^3): loss {valid_loss:.4f}, dice {patch_dice:.4f}')
+    say(f'Held-out series, whole (predict{", flip TTA" if tta else ""}): dice ' + ', '.join(f'{k} {v:.3f}' for k, v in dice.items())
+        + f'; Dice {res["dice"]:.4f}  ({res["seconds"]} s)')
+    say(f'Predicted mask of {predicted}: {" x ".join(map(str, mask_shape))} voxels on the series grid of {" x ".join(map(str, series_shape))}')
+    say(f'Files: series and SEG under {out/"data"} (listed in {out/"series.csv"}), picture {out/"show_results.png"}')
+    return res

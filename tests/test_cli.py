@@ -181,10 +181,37 @@ def test_demo_passes_arguments(tmp_path, monkeypatch, capsys):
     fake.run_demo = lambda **kw: calls.append(kw) or {'accuracy': 0.9, 'valid_loss': 0.3}
     monkeypatch.setitem(sys.modules, 'fastdcm.learner', fake)
     assert cli.main(['demo', '--out', str(tmp_path/'d'), '--epochs', '2', '--seed', '7']) == 0
-    assert calls == [{'out': str(tmp_path/'d'), 'epochs': 2, 'n_patients': 64, 'seed': 7, 'pretrained': False, 'verbose': True}]
+    assert calls == [{'out': str(tmp_path/'d'), 'epochs': 2, 'seed': 7, 'pretrained': False, 'verbose': True}]
     assert 'accuracy' not in capsys.readouterr().out     # run_demo says the metrics; the command doesn't repeat them
-    cli.main(['demo', '--pretrained'])
-    assert calls[-1] == {'out': 'demo_out', 'epochs': 4, 'n_patients': 64, 'seed': 42, 'pretrained': True, 'verbose': True}
+    cli.main(['demo', '--pretrained', '--n-patients', '8'])    # options left out keep run_demo's own defaults
+    assert calls[-1] == {'n_patients': 8, 'pretrained': True, 'verbose': True}
+
+def test_demo_3d_passes_arguments(tmp_path, monkeypatch):
+    "`fastdcm demo --3d` hands its options to fastdcm.volume_learner.run_demo_3d, not to run_demo (in process, fakes)."
+    from fastdcm import cli
+    calls = {'2d': [], '3d': []}
+    fake2, fake3 = types.ModuleType('fastdcm.learner'), types.ModuleType('fastdcm.volume_learner')
+    fake2.run_demo = lambda **kw: calls['2d'].append(kw)
+    fake3.run_demo_3d = lambda **kw: calls['3d'].append(kw) or {'dice': 0.9}
+    fake3._monai_nets = lambda: None
+    monkeypatch.setitem(sys.modules, 'fastdcm.learner', fake2); monkeypatch.setitem(sys.modules, 'fastdcm.volume_learner', fake3)
+    assert cli.main(['demo', '--3d', '--out', str(tmp_path/'d3'), '--epochs', '3', '--n-patients', '6']) == 0
+    assert cli.main(['demo', '--3d']) == 0
+    assert calls == {'2d': [], '3d': [{'out': str(tmp_path/'d3'), 'epochs': 3, 'n_patients': 6, 'verbose': True}, {'verbose': True}]}
+    with pytest.raises(SystemExit, match='--pretrained is for the 2-D demo'): cli.main(['demo', '--3d', '--pretrained'])
+    assert len(calls['3d']) == 2
+
+def test_demo_3d_without_monai_names_the_extra(tmp_path, monkeypatch):
+    "Without MONAI (the 3d extra) `fastdcm demo --3d` stops with one message naming the extra, before writing anything."
+    pytest.importorskip('fastdcm.volume_learner')
+    from fastdcm import cli
+    for k in ['monai'] + [k for k in sys.modules if k.startswith('monai.')]: monkeypatch.setitem(sys.modules, k, None)   # import -> ImportError
+    with pytest.raises(SystemExit, match=re.escape('fastdcm[3d]')) as e: cli.main(['demo', '--3d', '--out', str(tmp_path/'d3')])
+    assert str(e.value).startswith('fastdcm demo --3d: ')
+    assert not (tmp_path/'d3').exists()
+    from fastdcm.volume_learner import run_demo_3d
+    with pytest.raises(ImportError, match=re.escape('fastdcm[3d]')): run_demo_3d(tmp_path/'d3b')
+    assert not (tmp_path/'d3b').exists()
 
 def test_demo_real(tmp_path):
     "The real `fastdcm demo`, as small as it goes (needs fastdcm.learner; no network: pretrained stays off)."
@@ -194,6 +221,22 @@ def test_demo_real(tmp_path):
     assert 'patients in both sets: 0' in r.stdout
     assert not any(l.startswith(('accuracy:', 'valid_loss:')) for l in r.stdout.splitlines())   # metrics printed once
     assert (tmp_path/'demo'/'show_batch.png').exists()
+
+def test_demo_3d_real(tmp_path):
+    "The real `fastdcm demo --3d`, tiny (4 patients, 1 epoch): a finite whole-series Dice, a mask on the series grid, the files it names."
+    pytest.importorskip('monai')
+    r = run('demo', '--3d', '--out', tmp_path/'d3', '--epochs', '1', '--n-patients', '4', '--seed', '1')
+    out = r.stdout
+    assert '3 training / 1 validation patients; patients in both sets: 0' in out, out
+    dice = re.findall(r'; Dice ([-+.\deinaINA]+) ', out)
+    assert len(dice) == 1 and np.isfinite(float(dice[0])) and 0 <= float(dice[0]) <= 1, out
+    grid = re.search(r'Predicted mask of (\S+): (\d+ x \d+ x \d+) voxels on the series grid of (\d+ x \d+ x \d+)', out)
+    assert grid and grid[2] == grid[3] == '32 x 32 x 32', out
+    assert Path(grid[1]).parent.parent == tmp_path/'d3'/'data' and len(list(Path(grid[1]).iterdir())) == 32
+    series = pd.read_csv(tmp_path/'d3'/'series.csv')
+    assert len(series) == 4 and series.split.value_counts().to_dict() == {'train': 3, 'valid': 1}
+    assert all(Path(m).exists() for m in series['mask']) and str(tmp_path/'d3'/'data') in out
+    assert (tmp_path/'d3'/'show_results.png').exists() and 'Traceback' not in r.stderr
 
 
 # --- issue 10 item 6 / issue 8 item 6: the CLI speaks in its own terms and never shows a traceback ---------------
@@ -241,14 +284,20 @@ def test_named_window_imports_no_torch(tmp_path):
     assert r.returncode == 0 and r.stdout.strip().endswith('[]'), r.stdout + r.stderr
 
 def test_demo_help_shows_defaults():
+    "`demo --help` shows run_demo's defaults, and run_demo_3d's after 'with --3d:' where they differ."
     import inspect
     out = ' '.join(run('demo', '--help').stdout.split())
-    pytest.importorskip('fastdcm.learner')
+    pytest.importorskip('fastdcm.learner'); pytest.importorskip('fastdcm.volume_learner')
     from fastdcm.learner import run_demo
-    sig = inspect.signature(run_demo).parameters
+    from fastdcm.volume_learner import run_demo_3d
+    sig2, sig3 = inspect.signature(run_demo).parameters, inspect.signature(run_demo_3d).parameters
     options = out.split('options:')[1]
+    assert '--3d ' in options
     for opt, arg in [('out', 'out'), ('epochs', 'epochs'), ('n-patients', 'n_patients'), ('seed', 'seed')]:
-        assert re.search(rf'--{opt} \S+ [^-]*?\(default: {sig[arg].default}\)', options), (opt, options)   # same as run_demo's
+        m = re.search(rf'--{opt} \S+ [^(]*\(default: ([^;)]+)(?:; with --3d: ([^)]+))?\)', options)
+        assert m, (opt, options)
+        want3 = 'a new temporary folder' if sig3[arg].default is None else str(sig3[arg].default)
+        assert m[1] == str(sig2[arg].default) and (m[2] or m[1]) == want3, (opt, m[0], sig2[arg].default, want3)
 
 def test_any_failure_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     "Whatever a file provokes inside pydicom/PIL (TypeError, NotImplementedError, ...): one line with the file, exit 1"
