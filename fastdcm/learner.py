@@ -8,7 +8,7 @@ Docs: https://fastdcm.github.io/fastdcm/learner.html.md"""
 
 # %% ../nbs/06_learner.ipynb #38a983f3
 from __future__ import annotations
-import itertools, time, warnings
+import itertools, math, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import store_attr, ifnone, listify
@@ -67,16 +67,21 @@ def _running_bns(model, training_only:bool=False):
             and (m.training or not training_only)]
 
 class RecalibrateBN(Callback):
-    "Before each validation during `fit`, re-estimate BatchNorm running stats with the current weights on the inputs of the last `n_batches` training batches."
+    "Before each validation during `fit`, re-estimate BatchNorm running stats with the current weights on the inputs of the last `n_batches` training batches (at most `max_frac` of the epoch's)."
     order = 1
-    def __init__(self, n_batches:int=4): self.n_batches, self.kept, self.bns = n_batches, [], []
+    def __init__(self, n_batches:int=4, max_frac:float=0.25):
+        store_attr('n_batches,max_frac'); self.kept, self.bns = [], []
     def before_fit(self): self.kept = []
     def after_batch(self):
         # the inputs the training loop made (decoded, augmented, on the device), kept by reference: re-estimating on them
         # decodes nothing again and draws nothing from the training loader's random state
         if self.training: self.kept = (self.kept + [self.learn.xb])[-self.n_batches:]
     # layers a callback keeps in eval mode while training (fastai's `BnFreeze`) keep their statistics
-    def after_train(self): self.bns = _running_bns(self.learn.model, training_only=True)
+    def after_train(self):
+        self.bns = _running_bns(self.learn.model, training_only=True)
+        # a forward pass is about a third of a training step: with at most a quarter of the epoch's batches,
+        # re-estimating costs at most about a twelfth of the epoch, however short the epoch is
+        self.kept = self.kept[-max(1, math.ceil(self.max_frac*self.n_iter)):]
     # `get_preds`/`predict`/`tta` fire before_validate too, but never a training batch: nothing is kept then
     def before_validate(self):
         if self.kept: self.recalibrate(self.kept, self.bns)

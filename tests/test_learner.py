@@ -177,15 +177,15 @@ class _Counted:
     def __len__(self): return len(self.xs)
     def __getitem__(self, i): self.fetched += 1; return self.xs[i], torch.tensor(0.)
 
-def _bn_learner(xs, n_batches, shuffle=False, bs=8):
-    "A Learner on a single BatchNorm (zero loss: the weights never move) with `RecalibrateBN(n_batches)`."
+def _bn_learner(xs, n_batches, shuffle=False, bs=8, max_frac=1.):
+    "A Learner on a single BatchNorm (zero loss: the weights never move) with `RecalibrateBN(n_batches, max_frac)`."
     from fastai.learner import Learner
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     trn = _Counted(xs)
     dls = DataLoaders(DataLoader(trn, bs=bs, shuffle=shuffle), DataLoader(_Counted(xs[:bs]), bs=bs))
     model = torch.nn.Sequential(torch.nn.BatchNorm1d(xs.shape[1]))
-    return Learner(dls, model, loss_func=lambda p, y: p.sum() * 0, cbs=RecalibrateBN(n_batches=n_batches)), trn
+    return Learner(dls, model, loss_func=lambda p, y: p.sum() * 0, cbs=RecalibrateBN(n_batches=n_batches, max_frac=max_frac)), trn
 
 def test_recalibrate_bn_in_fit_reuses_the_last_training_inputs():
     "In `fit`, the statistics are re-estimated on the inputs of the epoch's last `n_batches` training batches: no item is loaded twice."
@@ -229,3 +229,12 @@ def test_recalibrate_bn_spares_frozen_batchnorm():
     learn.model = torch.nn.Sequential(torch.nn.Linear(3, 3), bn)      # BnFreeze freezes BN below a trainable layer
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     assert torch.equal(bn.running_mean, torch.ones(3)) and torch.equal(bn.running_var, torch.full((3,), 2.))
+
+def test_recalibrate_bn_takes_at_most_max_frac_of_the_epoch():
+    "On a short epoch the re-estimate uses at most `max_frac` of its training batches (default a quarter: here 1 of 4)."
+    torch.manual_seed(0)
+    xs = torch.randn(32, 3) * 5 + torch.arange(32.)[:, None]
+    for max_frac, first in ((0.25, 24), (0.5, 16), (0.01, 24)):
+        learn, _ = _bn_learner(xs, n_batches=4, max_frac=max_frac)
+        with learn.no_bar(), learn.no_logging(): learn.fit(1)
+        np.testing.assert_allclose(learn.model[0].running_mean.numpy(), xs[first:].mean(0).numpy(), rtol=1e-5)
