@@ -3,7 +3,7 @@
 # fastai/pydicom/MONAI/dicomsdl, so their wheels travel in .gpuwheels (fetch them here first:
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 -d .gpuwheels \
 #       fastai fastcore fastdownload 'fastprogress<1.1' fasttransform plum-dispatch beartype pydicom pylibjpeg \
-#       pylibjpeg-libjpeg pylibjpeg-openjpeg kornia kornia_rs monai dicomsdl dicom-anonymizer
+#       pylibjpeg-libjpeg pylibjpeg-openjpeg kornia kornia_rs monai dicomsdl pyjpegls dicom-anonymizer
 # (fastprogress 1.1 needs python-fasthtml and its web stack; 1.0.3 is enough for fastai)
 # ), fastdcm is used from the working tree. Each bench has its own time limit; logs go to $OUT (or ./bench/out).
 # Usage: bash bench/device.sh [volume] [batch] [decode] [epoch]   (default: all but epoch)
