@@ -196,3 +196,36 @@ def test_index_same_with_pydicoms_conversion_route(tmp_path, monkeypatch, no_dow
     pd.testing.assert_frame_equal(fast_frames, index_dicoms(files[:40], n_workers=0, progress=False, frames=True))
     assert fast['error'].notna().sum() >= 5 and len(fast.columns) > 200   # errors and many columns were compared
     assert {'Müller^Jürgen', 'Лиза^Ёж'} <= set(fast['PatientName'].dropna())
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dask index: tasks sized to the workers (issue 11 item 6)
+
+class _InlineClient:
+    "Stands in for a `dask.distributed.Client` with `n` workers: runs each task here, and records the tasks' sizes."
+    def __init__(self, n): self.n, self.sizes = n, []
+    def scheduler_info(self): return {'workers': {f'tcp://w{i}': {} for i in range(self.n)}}
+    def map(self, fn, *its, pure=True):
+        self.sizes += [len(o) for o in its[0] if isinstance(o, list)]   # the reading tasks (listing tasks get folders)
+        return [fn(*a) for a in zip(*its)]
+    def gather(self, futures): return futures
+
+def test_partition_size_gives_every_worker_tasks():
+    "About four tasks per worker, 50 to 1,000 files each: 2,000 files on 2 workers in 8 tasks (a fixed 1,000 made 2, one per worker, nothing to balance); 16 workers all busy on 10,000 files; small sets not cut into crumbs."
+    from fastdcm.core import _partition_size
+    assert _partition_size(2000, 2) == 250
+    assert -(-10_000 // _partition_size(10_000, 16)) >= 4*16
+    assert _partition_size(100, 8) == 50 and _partition_size(10**7, 2) == 1000 and _partition_size(0, 0) == 50
+
+def test_dask_path_splits_by_workers_and_keeps_rows(tmp_path):
+    "`index_dicoms(client=)` without a partition size reads in tasks sized to the client's workers; the frame equals the local one; an explicit `partition_size` still rules."
+    src = pydicom.dcmread(CT)
+    for i in range(120):
+        d = tmp_path/f's{i % 3}'; d.mkdir(exist_ok=True)
+        src.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(i)]); src.save_as(d/f'{i:03d}.dcm')
+    local = index_dicoms(tmp_path, n_workers=0, progress=False)
+    c = _InlineClient(2)
+    pd.testing.assert_frame_equal(index_dicoms(tmp_path, client=c), local)
+    assert c.sizes == [50, 50, 20]   # 120 files on 2 workers: 50 files per task at least
+    c = _InlineClient(2)
+    pd.testing.assert_frame_equal(index_dicoms(tmp_path, client=c, partition_size=7), local)
+    assert c.sizes == [7]*17 + [1]
