@@ -14,6 +14,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 import fastdcm
 from .pixels import dicom_pixels
+from .core import _is_remote, _remote, _mtime_ns
 
 # %% auto #0
 __all__ = ['DecodeCache']
@@ -23,14 +24,19 @@ _STALE_TMP_S = 3600   # a temporary file untouched this long was left by a kille
 
 class DecodeCache:
     "Callable drop-in for `dicom_pixels` that stores each decoded result once in `folder` as a memory-mapped `.npy`; several processes may share `folder`."
-    def __init__(self, folder, decode=dicom_pixels):
+    def __init__(self, folder, decode=dicom_pixels, storage_options:dict|None=None):
         self.folder = Path(folder).expanduser()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.decode, self.hits, self.misses = decode, 0, 0
+        self.decode, self.storage_options, self.hits, self.misses = decode, storage_options, 0, 0
 
     def key(self, src, **kwargs) -> str|None:
-        "Hex key of `src` (path, str or bytes) and the decode arguments; None when `src` can't be keyed (a `Dataset`)."
-        if isinstance(src, (str, os.PathLike)):
+        "Hex key of `src` (path, fsspec URL, str or bytes) and the decode arguments; None when `src` can't be keyed (a `Dataset`)."
+        if _is_remote(src):                                # the object's size, time and ETag: one metadata request, no download
+            fs, path, name = _remote(src, self.storage_options)
+            try: info = fs.info(path)
+            except FileNotFoundError as e: raise FileNotFoundError(f'{name}: no such file') from e
+            ident = ['url', name, info.get('size'), _mtime_ns(info), info.get('ETag', info.get('etag'))]
+        elif isinstance(src, (str, os.PathLike)):
             p = Path(src).expanduser().resolve(); st = p.stat()
             ident = ['file', str(p), st.st_size, st.st_mtime_ns]
         elif isinstance(src, (bytes, bytearray)): ident = ['bytes', hashlib.sha1(src).hexdigest()]
@@ -56,7 +62,8 @@ class DecodeCache:
             # unreadable (a machine crash before the data reached the disk): decoded again and replaced below; not
             # unlinked, since another process may have just put a good entry there
             except (ValueError, OSError, EOFError): pass
-        x = np.ascontiguousarray(self.decode(src, **kw))
+        so = {'storage_options': self.storage_options} if self.storage_options and _is_remote(src) else {}
+        x = np.ascontiguousarray(self.decode(src, **kw, **so))
         self._store(fn, x)
         self.misses += 1
         return x

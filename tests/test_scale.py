@@ -251,6 +251,31 @@ def test_s3_train_one_batch(s3_archive, monkeypatch):
     learn.fit(1, lr=1e-3)
     assert np.isfinite(learn.recorder.values[-1][0])
 
+def test_s3_decode_cache(s3_archive, tmp_path, monkeypatch):
+    "DecodeCache keys an s3:// object by its size, time and ETag (a metadata request): the second read is a hit that downloads nothing, and a replaced object is decoded again."
+    from fastdcm.cache import DecodeCache
+    from fastdcm.pixels import dicom_pixels
+    import s3fs
+    local, url, so = s3_archive
+    fs = s3fs.S3FileSystem(**so)                                  # fsspec's cached instance: the one the cache's reads use
+    gets = []
+    for m in ('cat_file', 'open'):
+        def counting(path, *a, _orig=getattr(fs, m), _m=m, **k): gets.append((_m, path)); return _orig(path, *a, **k)
+        monkeypatch.setattr(fs, m, counting)
+    src = get_dicom_files(url, storage_options=so)[0]
+    cache = DecodeCache(tmp_path/'c', storage_options=so)
+    want = dicom_pixels(get_dicom_files(local)[0])
+    np.testing.assert_array_equal(cache(src), want)
+    assert gets == [('cat_file', src[len('s3://'):])]                        # a miss fetched the object...
+    np.testing.assert_array_equal(cache(src), want)
+    assert (cache.hits, cache.misses, len(gets)) == (1, 1, 1)                 # ...a hit fetched nothing
+    other = tmp_path/'other.dcm'; _ct(other, 99)
+    fs.put(str(other), 'scans/replaced/im.dcm'); first = cache('s3://scans/replaced/im.dcm')
+    fs.put(str(_ct(tmp_path/'other2.dcm', 98)), 'scans/replaced/im.dcm')     # same name, new object
+    np.testing.assert_array_equal(cache('s3://scans/replaced/im.dcm'), dicom_pixels(tmp_path/'other2.dcm'))
+    assert cache.misses == 3 and not np.array_equal(first, dicom_pixels(tmp_path/'other2.dcm'))
+    with pytest.raises(FileNotFoundError, match='nothere.dcm'): cache(url + '/nothere.dcm')
+
 # ---- training on two processes (gloo, CPU) with fastdcm.distributed
 _TRAIN = '''
 import os, sys, json, hashlib, torch
