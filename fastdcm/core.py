@@ -304,13 +304,36 @@ def _clip_text(v, el, notes):
     return v
 
 _CHARSET_TAG = 0x00080005
+_CONVERTED, _CACHE_MAX, _CACHE_VALUE_MAX = {}, 50_000, 1024   # see `_converted`
 
-def _converted(ds, tag, charset):
-    "`ds[tag]` as pydicom converts it, without storing it back into `ds`: pydicom's own `convert_raw_data_element` with the arguments `Dataset.__getitem__` gives it, minus the dataset's bookkeeping (a quarter of an index's time on CT headers); sequences, ambiguous VRs, deferred values and (0008,0005) itself still go through `ds[tag]`."
+def _conversion_settings():
+    "Everything pydicom's conversion of a public raw element depends on besides the element and its character set (its configuration), or None when a user's callback or hook takes part (then nothing is cached)."
+    from pydicom import config, hooks
+    h = hooks.hooks
+    if config.data_element_callback is not None or h.raw_element_kwargs or h.raw_element_vr is not hooks.raw_element_vr \
+       or h.raw_element_value is not hooks.raw_element_value: return None
+    return (config.use_DS_decimal, config.use_DS_numpy, config.use_IS_numpy, config.allow_DS_float, config.datetime_conversion,
+            config.convert_wrong_length_to_UN, config.replace_un_with_known_vr, config.use_none_as_empty_text_VR_value,
+            config.settings.reading_validation_mode, config.settings.infer_sq_for_un_vr)
+
+def _converted(ds, tag, charset, settings=None):
+    "`ds[tag]` as pydicom converts it, without storing it back into `ds`: pydicom's own `convert_raw_data_element` with the arguments `Dataset.__getitem__` gives it, minus the dataset's bookkeeping; sequences, ambiguous VRs, deferred values and (0008,0005) itself still go through `ds[tag]`. The conversion of a public element is a function of its tag, VR, bytes, encoding, character set and pydicom's `settings` (`_conversion_settings`): one already made for the same inputs (most of a series' header repeats from file to file) is reused, in this process."
     raw = ds.get_item(tag, keep_deferred=True)
     if type(raw) is RawDataElement and not (raw.value is None and raw.length != 0) and tag != _CHARSET_TAG:
-        el = convert_raw_data_element(raw, encoding=charset(), ds=ds)
-        if el.VR != 'SQ' and el.VR not in AMBIGUOUS_VR: return el
+        enc = charset()
+        key = None
+        # a private element without its VR in the file (implicit VR, or UN) gets it from the dataset's private creators: not cached
+        private_vr = (tag >> 16) & 1 and raw.VR in (None, 'UN')
+        if settings is not None and not private_vr and raw.value is not None and len(raw.value) <= _CACHE_VALUE_MAX:
+            key = (int(tag), raw.VR, raw.value, raw.is_implicit_VR, raw.is_little_endian, enc if isinstance(enc, (str, type(None))) else tuple(enc), settings)
+            el = _CONVERTED.get(key)
+            if el is not None: return el
+        el = convert_raw_data_element(raw, encoding=enc, ds=ds)
+        if el.VR != 'SQ' and el.VR not in AMBIGUOUS_VR:
+            if key is not None:
+                if len(_CONVERTED) >= _CACHE_MAX: _CONVERTED.clear()
+                _CONVERTED[key] = el
+            return el
     return ds[tag]
 
 def header_dict(ds:Dataset, split:bool=True, notes:list|None=None) -> dict:
@@ -320,8 +343,9 @@ def header_dict(ds:Dataset, split:bool=True, notes:list|None=None) -> dict:
     def charset():   # as pydicom finds it for each element: when first needed (converting (0008,0005) if it is there)
         if not cs: cs.append(ds.original_character_set or ds._character_set)
         return cs[0]
+    settings = _conversion_settings()
     for tag in ds.keys():
-        try: el = _converted(ds, tag, charset)
+        try: el = _converted(ds, tag, charset, settings)
         except Exception as e:  # pydicom converts lazily: a corrupt element only fails here
             raise NotDicomError(getattr(ds, 'filename', None), f'element {tag} cannot be decoded: {e}') from e
         kw = el.keyword

@@ -190,7 +190,7 @@ def test_index_same_with_pydicoms_conversion_route(tmp_path, monkeypatch, no_dow
              + _charset_and_odd_files(tmp_path/'cs'))
     fast = index_dicoms(files, n_workers=0, progress=False)
     fast_frames = index_dicoms(files[:40], n_workers=0, progress=False, frames=True)
-    monkeypatch.setattr(core, '_converted', lambda ds, tag, charset: ds[tag])   # pydicom's Dataset route, as before
+    monkeypatch.setattr(core, '_converted', lambda ds, tag, charset, settings=None: ds[tag])   # pydicom's Dataset route, as before
     ref = index_dicoms(files, n_workers=0, progress=False)
     pd.testing.assert_frame_equal(fast, ref)
     pd.testing.assert_frame_equal(fast_frames, index_dicoms(files[:40], n_workers=0, progress=False, frames=True))
@@ -229,3 +229,15 @@ def test_dask_path_splits_by_workers_and_keeps_rows(tmp_path):
     c = _InlineClient(2)
     pd.testing.assert_frame_equal(index_dicoms(tmp_path, client=c, partition_size=7), local)
     assert c.sizes == [7]*17 + [1]
+
+def test_reused_conversions_follow_pydicoms_settings(monkeypatch):
+    "Conversions reused across files (`fastdcm.core._converted`) are keyed by pydicom's settings too: with dates converted to `datetime.date` (`config.datetime_conversion`) the index is again what the `Dataset.__getitem__` route gives, not the text cached before."
+    import fastdcm.core as core
+    files = [CT, get_testdata_file('MR_small.dcm')]
+    before = index_dicoms(files, n_workers=0, progress=False)
+    assert before['StudyDate'].notna().all()
+    monkeypatch.setattr(pydicom.config, 'datetime_conversion', True)
+    after = index_dicoms(files, n_workers=0, progress=False)
+    assert after['StudyDate'].isna().all()   # a date object is not a plain value: left out, as header_dict does
+    monkeypatch.setattr(core, '_converted', lambda ds, tag, charset, settings=None: ds[tag])
+    pd.testing.assert_frame_equal(after, index_dicoms(files, n_workers=0, progress=False))
