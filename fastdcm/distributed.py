@@ -63,7 +63,11 @@ def distrib_ctx(learn, exact_valid:bool=True, **kwargs):
 def _process_group():
     "Start torch's process group under `torchrun` if nobody has yet (NCCL with GPUs, gloo without), and end it when the script ends."
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+        nccl = torch.cuda.is_available()
+        # NCCL collectives run on the current GPU: each rank on its own (accelerate picks the same one later),
+        # not every rank on GPU 0
+        if nccl: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        torch.distributed.init_process_group('nccl' if nccl else 'gloo')
         # a gloo group left to the interpreter's teardown sometimes aborted the process ('terminate called without
         # an active exception', SIGABRT: 1 run in 6 of tests/test_scale.py) after the script had finished
         atexit.register(_end_process_group)
