@@ -9,7 +9,7 @@ Docs: https://fastdcm.github.io/fastdcm/augment.html.md"""
 
 # %% ../nbs/04_augment.ipynb #d9bccdfc
 from __future__ import annotations
-import math, random, warnings
+import math, random, threading, warnings
 import numpy as np, torch
 import torch.nn.functional as F
 from functools import partial
@@ -46,6 +46,40 @@ def _hist_eq(x:torch.Tensor, nbins:int=4096, invert:torch.Tensor|None=None, keep
     if invert is not None: y = torch.where(invert[:,None], 1-y, y)   # presentation after the VOI step (PS3.3 C.11.6)
     y = torch.where(pad, torch.zeros_like(y), y).clamp_(0, 1)
     return y.view(x.shape)
+
+# %% ../nbs/04_augment.ipynb #8f0bafb4
+_scratch = threading.local()   # per thread: batch transforms may run in several threads at once
+
+def _workspace(name:str, shape:tuple, like:torch.Tensor) -> torch.Tensor:
+    "Scratch tensor `name` of `shape` (dtype and device of `like`), kept between calls on the CPU; a new one elsewhere. The next caller overwrites it: it must not leave the function."
+    if like.device.type != 'cpu': return like.new_empty(shape)
+    t = getattr(_scratch, name, None)
+    if t is None or t.shape != shape or t.dtype != like.dtype: t = like.new_empty(shape); setattr(_scratch, name, t)
+    return t
+
+def _storage_users(t:torch.Tensor) -> int:
+    "How many tensors (and storage objects) use `t`'s memory block."
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+try: _ALONE = _storage_users(torch.empty(1))   # the count of a tensor nobody else shares memory with
+except (AttributeError, RuntimeError): _ALONE = None   # a torch without the count: no reuse
+
+_MAX_REUSABLE = 4   # buffers kept per thread
+
+def _reusable(shape:tuple, like:torch.Tensor) -> torch.Tensor:
+    "An uninitialised tensor of `shape` (dtype and device of `like`) for a transform's output: on the CPU a kept buffer that nothing else refers to any more, if one fits; else a new one, kept for later calls."
+    if like.device.type != 'cpu' or _ALONE is None: return like.new_empty(shape)
+    pool = _scratch.__dict__.setdefault('reusable', [])
+    shape = torch.Size(shape)
+    free = [i for i,t in enumerate(pool) if _storage_users(t) == _ALONE]
+    for i in free:
+        if pool[i].shape == shape and pool[i].dtype == like.dtype: return pool[i].view(shape)
+    # kept as a plain tensor of its own (a subclass or an alias would hold a second tensor on the memory)
+    t = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if len(pool) < _MAX_REUSABLE: pool.append(t)
+    elif free: pool[free[0]] = t            # drop a free buffer of another shape
+    else: return t                          # every kept buffer is in use: this one isn't kept
+    return t.view(shape)                    # hand out a view: while it (or anything made from it) lives, the buffer is in use
 
 # %% ../nbs/04_augment.ipynb #3f36eacf
 def _parse_window(w):
@@ -101,7 +135,7 @@ class Window(RandTransform):
         planes = xb.reshape(B, C, -1, xb.shape[-1])   # a volume's statistics over all of its slices
         inv = presentation_flags(x, B)
         bcast = (B, -1) + (1,)*len(spatial)
-        res = xb.new_empty(B, len(self.specs), C, *spatial)
+        res = _reusable((B, len(self.specs), C, *spatial), xb)   # every element is written below
         for i,spec in enumerate(self.specs):
             if spec=='histeq':
                 res[:,i] = _hist_eq(planes, self.nbins, None if inv is None else inv.repeat_interleave(C)).view(B, C, *spatial)
@@ -270,8 +304,9 @@ def _lighting_guard(self, x:TensorDicom):
         return x
     # fastai's `lighting` is sigmoid(fs(logit(x))) with logit(x) = log(x/(1-x)) on x clamped to [1e-7, 1-1e-7];
     # the same arithmetic here, with torch's fused clamp-and-logit and the rest in place on that one buffer
-    # (fastai's makes four temporaries per pass)
-    y = torch.logit(x.as_subclass(torch.Tensor), eps=1e-7)
+    # (fastai's makes four temporaries per pass), that buffer reused between batches (see `_reusable`)
+    xt = x.as_subclass(torch.Tensor)
+    y = torch.logit(xt, eps=1e-7, out=_reusable(xt.shape, xt))
     y = compose_tfms(y, tfms=self.fs)
     return TensorDicom(y.sigmoid_(), **x.__dict__)
 
@@ -312,14 +347,17 @@ def fit_projective(f, n:int, device='cpu'):
     if not torch.allclose(_map_points(f, _CHECK_PTS, n, device), hp[...,:2]/hp[...,2:], atol=1e-5): return None
     return H
 
-def projective_grid(H:torch.Tensor, h:int, w:int, align_corners=True) -> torch.Tensor:
-    "Sampling grid (n, h, w, 2) of the projective maps `H` (n, 3, 3), built from rows and columns (as `F.affine_grid` for affine `H`)."
+def projective_grid(H:torch.Tensor, h:int, w:int, align_corners=True, scratch:bool=False) -> torch.Tensor:
+    "Sampling grid (n, h, w, 2) of the projective maps `H` (n, 3, 3), built from rows and columns (as `F.affine_grid` for affine `H`); `scratch`: built in a reused buffer that the next such call overwrites (for a caller that drops it at once)."
     H = H.float()
     xs, ys = _norm_coords(w, align_corners, H.device, H.dtype), _norm_coords(h, align_corners, H.device, H.dtype)
     def plane(r): return (H[:,r,0,None]*xs)[:,None,:], (H[:,r,1,None]*ys + H[:,r,2,None])[:,:,None]
-    out = torch.empty(H.shape[0], h, w, 2, device=H.device, dtype=H.dtype)
+    n = H.shape[0]
+    out = _workspace('grid', (n, h, w, 2), H) if scratch else torch.empty(n, h, w, 2, device=H.device, dtype=H.dtype)
     den = None
-    if bool((H[:,2,:2] != 0).any()) or bool((H[:,2,2] != 1).any()): den = torch.add(*plane(2)).reciprocal_()
+    if bool((H[:,2,:2] != 0).any()) or bool((H[:,2,2] != 1).any()):
+        den = torch.add(*plane(2), out=_workspace('den', (n, h, w), H)) if scratch else torch.add(*plane(2))
+        den.reciprocal_()
     for r in range(2):
         torch.add(*plane(r), out=out[...,r])
         if den is not None: out[...,r].mul_(den)
@@ -338,8 +376,13 @@ def affine_coord(x:TensorDicom, mat=None, coord_tfm=None, sz=None, mode='bilinea
         C = fit_projective(coord_tfm, n, x.device)
         if C is None: return TensorImage.affine_coord(x, mat, coord_tfm, sz, mode, pad_mode, align_corners)
         M = C @ M
-    coords = projective_grid(M.float().to(x.device), *size, align_corners=align_corners)
-    return TensorImage(_grid_sample(x, coords, mode=mode, padding_mode=pad_mode, align_corners=align_corners))
+    coords = projective_grid(M.float().to(x.device), *size, align_corners=align_corners, scratch=True)
+    # fastai's `_grid_sample` first shrinks images to be resampled more than 2x smaller; it scans the whole grid for
+    # its zoom only when the output is that much smaller than the input: otherwise `F.grid_sample` is all it does
+    if mode=='bilinear' and min(x.shape[-2]/size[0], x.shape[-1]/size[1])/2 > 1:
+        out = _grid_sample(x, coords, mode=mode, padding_mode=pad_mode, align_corners=align_corners)
+    else: out = F.grid_sample(x, coords, mode=mode, padding_mode=pad_mode, align_corners=align_corners)
+    return TensorImage(out)
 
 # %% ../nbs/04_augment.ipynb #86c0025b
 def dicom_aug_transforms(

@@ -199,7 +199,7 @@ def test_show_windows_from_the_module():
 
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('align_corners', [True, False])
-@pytest.mark.parametrize('size', [None, 96])
+@pytest.mark.parametrize('size', [None, 96, 32])   # 32: more than 2x smaller, fastai shrinks the image first
 @pytest.mark.parametrize('max_warp', [0., 0.4])
 def test_projective_geometry_matches_fastai(batch, device, align_corners, size, max_warp):
     "TensorDicom's one-map geometry gives fastai's own result (same draws) for flip/rotate/zoom/warp, any size/corners."
@@ -233,6 +233,20 @@ def test_projective_fit_and_fallback(batch):
     mat = torch.eye(3)[None, :2].repeat(4, 1, 1); mat[:, 0, 2] = 0.1
     assert torch.equal(batch.affine_coord(mat, ripple), TensorImage.affine_coord(batch, mat, ripple))
 
+def test_geometry_scratch_grid_reused_never_returned(batch):
+    "On the CPU the sampling grid goes into one buffer kept between calls (a new 100+ MB block costs page faults each time); no image returned shares it."
+    H = torch.eye(3, dtype=torch.float64)[None].repeat(2, 1, 1); H[:, 0, 1] = 0.2; H[:, 2, 0] = 0.1   # with perspective
+    g = projective_grid(H, 48, 40, scratch=True)
+    ptr, first = g.data_ptr(), g.clone()
+    assert torch.equal(first, projective_grid(H, 48, 40))                  # the same values as a grid of its own
+    H2 = H.clone(); H2[:, 0, 2] = 0.3
+    assert projective_grid(H2, 48, 40, scratch=True).data_ptr() == ptr     # reused, overwritten
+    mat = torch.eye(3)[None, :2].repeat(4, 1, 1)
+    a = batch.affine_coord(mat + 0.1); keep = a.clone()
+    b = batch.affine_coord(mat - 0.1)
+    assert torch.equal(a, keep) and not torch.equal(a, b)                   # the second call left the first image alone
+    assert a.data_ptr() != ptr and b.data_ptr() != ptr
+
 def test_geometry_keeps_type_and_windows(batch):
     from fastai.vision.all import aug_transforms
     w = Window(['brain', 'bone'])(batch)
@@ -252,3 +266,22 @@ def test_window_on_volume_batches():
     assert y[:, 0, 0].mean() < 0.35 and y[:, 0, 3].mean() > 0.65     # one window for the volume: slices keep their order
     inv = Window('auto')(TensorDicom(vol, inverted=(True, False)))
     torch.testing.assert_close(inv[0].as_subclass(torch.Tensor), 1 - y[0, :1].as_subclass(torch.Tensor))
+
+def test_batch_buffers_reused_only_when_free(batch, monkeypatch):
+    "On the CPU, Window and lighting write into buffers kept from earlier batches once nothing refers to them; a batch still held is never overwritten, and values equal those of fresh buffers."
+    import fastdcm.augment as aug
+    from fastai.vision.all import Pipeline, Brightness, Contrast
+    pipe = Pipeline([Window(['brain', 'bone']), Brightness(0.4, p=1.), Contrast(0.4, p=1.)], split_idx=0)
+    torch.manual_seed(0); first = pipe(batch)
+    keep, ptr = first.clone(), first.data_ptr()
+    torch.manual_seed(1); second = pipe(batch * 0.5)
+    assert second.data_ptr() != ptr and torch.equal(first, keep)             # `first` is still held: left alone
+    del first
+    torch.manual_seed(0); third = pipe(batch)
+    assert third.data_ptr() == ptr and torch.equal(third, keep)             # free again: reused, same values
+    arr = third.numpy()                                                       # numpy arrays count as users too
+    del third
+    torch.manual_seed(1); assert pipe(batch).data_ptr() != ptr and np.array_equal(arr, keep.numpy())
+    monkeypatch.setattr(aug, '_ALONE', None)                                  # no reuse: fresh buffers
+    torch.manual_seed(0); fresh = pipe(batch)
+    assert fresh.data_ptr() not in (ptr, second.data_ptr()) and torch.equal(fresh, keep)
