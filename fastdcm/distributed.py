@@ -47,13 +47,16 @@ class ExactValidation(Callback):
         self.learn.dl = _UngatheredDL(getattr(dl, 'dl', dl))
 
 @contextmanager
-def distrib_ctx(learn, exact_valid:bool=True, **kwargs):
-    "fastai's `learn.distrib_ctx(**kwargs)` that also works on CPU (gloo): `cpu=True` when there is no GPU, CPU broadcasts, and (`exact_valid`) the true validation loss."
+def distrib_ctx(learn, exact_valid:bool=True, same_split:bool=True, **kwargs):
+    "fastai's `learn.distrib_ctx(**kwargs)` that also works on CPU (gloo): `cpu=True` when there is no GPU, CPU broadcasts, (`exact_valid`) the true validation loss, and (`same_split`) a `ValueError` before training when the ranks hold different splits."
     fd = _fastai_distributed()
     fd.DistributedDL._broadcast = _broadcast        # the fix: same behaviour on NCCL, a CPU tensor on gloo
     if not torch.cuda.is_available(): kwargs.setdefault('cpu', True)
     cb = ExactValidation() if exact_valid and num_distrib() > 1 else None
     with learn.distrib_ctx(**kwargs):
+        # DataLoaders made from items (files, rows) can be compared; tensors handed over as datasets can't
+        if same_split and num_distrib() > 1 and all(hasattr(dl, 'items') for dl in (learn.dls.train, learn.dls.valid)):
+            _same_split(learn.dls)
         if cb is not None: learn.add_cb(cb)
         try: yield learn
         finally:
@@ -94,8 +97,8 @@ def split_digest(dls, fn_col:str='fname') -> str:
         return sorted(map(str, items))
     return hashlib.sha1(json.dumps([ids(dls.train.items), ids(dls.valid.items)]).encode()).hexdigest()
 
-def check_split(dls, col:str='PatientID', fn_col:str='fname', path=None, warn:bool=True) -> pd.DataFrame:
-    "`check_leakage` on the split of `dls`, after checking that every rank under `torchrun` holds this same split (`ValueError` naming the ranks otherwise)."
+def _same_split(dls, fn_col:str='fname') -> str:
+    "`split_digest(dls)`, checked equal on every rank under `torchrun` (`ValueError` naming the ranks otherwise)."
     digest = split_digest(dls, fn_col)
     if num_distrib() > 1:
         _process_group()
@@ -106,4 +109,9 @@ def check_split(dls, col:str='PatientID', fn_col:str='fname', path=None, warn:bo
             raise ValueError(f"the ranks don't share one split: ranks {' | '.join(map(str, groups.values()))} each hold "
                              "their own; the union of their training sets holds validation patients. Give the splitter a "
                              "seed, or seed=shared_seed()")
+    return digest
+
+def check_split(dls, col:str='PatientID', fn_col:str='fname', path=None, warn:bool=True) -> pd.DataFrame:
+    "`check_leakage` on the split of `dls`, after checking that every rank under `torchrun` holds this same split (`ValueError` naming the ranks otherwise)."
+    _same_split(dls, fn_col)
     return check_leakage(dls, col=col, fn_col=fn_col, path=path, warn=warn)

@@ -293,10 +293,14 @@ leaks = len(check_split(dls))                     # the split every rank holds (
 own = DicomDataLoaders.from_df(df, valid_pct=0.2 * (1 + int(os.environ['RANK'])), seed=0, bs=4, num_workers=0, device='cpu')
 try: check_split(own); mismatch = ''                 # ranks with splits of their own: every rank must refuse
 except ValueError as e: mismatch = str(e)
+refused = ''
+try:
+    with distrib_ctx(Learner(own, nn.Sequential(nn.Flatten(), nn.LazyLinear(2)), loss_func=CrossEntropyLossFlat())): pass
+except ValueError as e: refused = str(e)             # distrib_ctx refuses them too, before any training
 model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 2))   # HU in, logits of order 1 out
 learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
 with distrib_ctx(learn): learn.fit(1, 1e-3)
-res = {'rank': int(os.environ['RANK']), 'valid': valid, 'leaks': leaks, 'digest': split_digest(dls), 'mismatch': mismatch, 'values': [list(map(float, v)) for v in learn.recorder.values],
+res = {'rank': int(os.environ['RANK']), 'valid': valid, 'leaks': leaks, 'digest': split_digest(dls), 'mismatch': mismatch, 'refused': refused, 'values': [list(map(float, v)) for v in learn.recorder.values],
        'validate': float(learn.validate()[0])}
 Path(sys.argv[2], f"rank{os.environ['RANK']}.json").write_text(json.dumps(res))   # not stdout: progress bars interleave there
 '''
@@ -320,6 +324,7 @@ def test_two_process_training_on_cpu(tmp_path):
     assert a['valid'] == b['valid'] and len(a['valid']) == 3                             # one split for every rank
     assert a['digest'] == b['digest'] and (a['leaks'], b['leaks']) == (0, 0)              # check_split: the same, no leak
     assert "ranks [0] | [1]" in a['mismatch'] and b['mismatch'] == a['mismatch']          # and splits of their own refused
+    assert a['refused'] == b['refused'] == a['mismatch']                                  # by distrib_ctx as well
     assert a['values'] == b['values'] and all(np.isfinite(v) for v in a['values'][-1])
     assert a['validate'] > 0.01                                                          # a loss that can tell
     assert a['values'][-1][1] == pytest.approx(a['validate'], rel=1e-5)                 # the real validation loss
