@@ -8,7 +8,7 @@ Docs: https://fastdcm.github.io/fastdcm/cache.html.md"""
 
 # %% ../nbs/02a_cache.ipynb #1c82319e
 from __future__ import annotations
-import os, json, hashlib, shutil, uuid, errno, time, fnmatch
+import os, json, hashlib, shutil, uuid, errno, time, fnmatch, functools
 from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
@@ -22,12 +22,21 @@ __all__ = ['DecodeCache']
 # %% ../nbs/02a_cache.ipynb #2023d353
 _STALE_TMP_S = 3600   # a temporary file untouched this long was left by a killed process (a write takes milliseconds)
 
+def _decoder_name(decode) -> str|None:
+    "How a custom decoder enters the key: its module and qualified name (a `partial`: with its arguments); None for `dicom_pixels`, whose entries keep their keys."
+    if decode is dicom_pixels: return None
+    if isinstance(decode, functools.partial):
+        return json.dumps([_decoder_name(decode.func) or 'dicom_pixels', [repr(a) for a in decode.args],
+                           sorted((k, repr(v)) for k,v in decode.keywords.items())])
+    return f"{getattr(decode, '__module__', type(decode).__module__)}.{getattr(decode, '__qualname__', type(decode).__qualname__)}"
+
 class DecodeCache:
     "Callable drop-in for `dicom_pixels` that stores each decoded result once in `folder` as a memory-mapped `.npy`; several processes may share `folder`."
     def __init__(self, folder, decode=dicom_pixels, storage_options:dict|None=None):
         self.folder = Path(folder).expanduser()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.decode, self.storage_options, self.hits, self.misses = decode, storage_options, 0, 0
+        self._decoder = _decoder_name(decode)   # caches with different decoders may share a folder
 
     def key(self, src, **kwargs) -> str|None:
         "Hex key of `src` (path, fsspec URL, str or bytes) and the decode arguments; None when `src` can't be keyed (a `Dataset`)."
@@ -41,7 +50,7 @@ class DecodeCache:
             ident = ['file', str(p), st.st_size, st.st_mtime_ns]
         elif isinstance(src, (bytes, bytearray)): ident = ['bytes', hashlib.sha1(src).hexdigest()]
         else: return None
-        args = json.dumps([ident, sorted(kwargs.items()), fastdcm.__version__], default=repr)
+        args = json.dumps([ident, sorted(kwargs.items()), fastdcm.__version__, *([self._decoder] if self._decoder else [])], default=repr)
         return hashlib.sha1(args.encode()).hexdigest()
 
     def path(self, key:str) -> Path:

@@ -208,3 +208,19 @@ def test_replace_refused_by_a_reader_on_windows(tmp_path, monkeypatch):
     np.testing.assert_array_equal(cache(f), dicom_pixels(f))
     assert [p.name for p in tmp_path.rglob('*')  if p.is_file()] == [cache._entries()[0].name]
     with pytest.raises(PermissionError): other._store(cache.path('ff' + '0'*38), dicom_pixels(f))   # no entry there: a real error
+
+def _negated(src, **kw): return -dicom_pixels(src, **kw)
+def _scaled(src, factor=1., **kw): return factor * dicom_pixels(src, **kw)
+
+def test_decoders_sharing_a_folder(tmp_path):
+    "Caches with different decoders on one folder keep their own entries (the decoder is part of the key; dicom_pixels' keys unchanged)."
+    import functools
+    f = get_testdata_file('CT_small.dcm')
+    plain, neg = DecodeCache(tmp_path), DecodeCache(tmp_path, decode=_negated)
+    np.testing.assert_array_equal(plain(f), dicom_pixels(f))
+    np.testing.assert_array_equal(neg(f), -dicom_pixels(f)); np.testing.assert_array_equal(neg(f), -dicom_pixels(f))
+    assert (neg.hits, neg.misses) == (1, 1) and len(plain) == 2
+    for k in (2., 3., 2.):                                   # partials told apart by their arguments
+        np.testing.assert_array_equal(DecodeCache(tmp_path, decode=functools.partial(_scaled, factor=k))(f), k * dicom_pixels(f))
+    assert len(plain) == 4
+    assert DecodeCache(tmp_path).key(f) == plain.key(f) != neg.key(f)
