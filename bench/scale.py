@@ -35,8 +35,14 @@ def worker_cpu(client):
     "CPU seconds used so far by every Dask worker process."
     return sum(client.run(time.process_time).values())
 
+def _clear_reused():
+    import fastdcm.core as core
+    core._CONVERTED.clear()
+
 def timed(fn, client=None):
-    "(wall s, CPU s of this process + reaped children + Dask workers) of one call of `fn`."
+    "(wall s, CPU s of this process + reaped children + Dask workers) of one call of `fn`, every process starting without conversions reused from earlier calls (`fastdcm.core._converted`; the pool's processes are new each call)."
+    _clear_reused()
+    if client: client.run(_clear_reused)
     c0, k0, w0 = time.process_time(), children_cpu(), worker_cpu(client) if client else 0.
     t = time.perf_counter(); fn(); wall = time.perf_counter() - t
     return wall, (time.process_time() - c0) + (children_cpu() - k0) + ((worker_cpu(client) - w0) if client else 0.)
