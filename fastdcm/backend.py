@@ -8,7 +8,7 @@ Docs: https://fastdcm.github.io/fastdcm/backend.html.md"""
 
 # %% ../nbs/01a_backend.ipynb #c2fbee52
 from __future__ import annotations
-import math, os, re, struct
+import functools, math, os, re, struct
 import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
@@ -43,11 +43,11 @@ def _tag_bytes(t): return struct.pack('<HH', t >> 16, t & 0xFFFF)
 _EXPLICIT_VRS = {'US': (b'US',), 'US|SS': (b'US', b'SS'), 'CS': (b'CS',), 'IS': (b'IS',), 'DS': (b'DS',), 'LO': (b'LO',)}
 # (keyword, tag as int for dicomsdl, its 4 little-endian bytes in the file, kind, VRs allowed in explicit VR)
 _HEADER_TAGS = [(k, int(tag_for_keyword(k)), _tag_bytes(tag_for_keyword(k)), kind, _EXPLICIT_VRS[kind]) for k, kind in _KINDS.items()]
-_DECLINE_TAGS = [int(tag_for_keyword(k)) for k in DECLINE_KEYWORDS]
+_DECLINE_TAGS = [(int(tag_for_keyword(k)), _tag_bytes(tag_for_keyword(k))) for k in DECLINE_KEYWORDS]
 _TS = Tag(0x00020010)
 _NATIVE = {'1.2.840.10008.1.2': True, '1.2.840.10008.1.2.1': False}   # transfer syntax -> implicit VR (both little endian)
 _PIXEL_TAG = _tag_bytes(0x7FE00010)
-_HEAD = 1 << 16   # bytes read first: most headers end well before
+_HEAD = 1 << 14   # bytes read first (most headers end before; a longer one is read on in doubling steps)
 _U16, _S16, _U32 = struct.Struct('<H').unpack_from, struct.Struct('<h').unpack_from, struct.Struct('<I').unpack_from
 
 # %% ../nbs/01a_backend.ipynb #69ab22ae
@@ -99,7 +99,7 @@ def _locate(f, size):
         pos = head.find(_PIXEL_TAG, start)
         if pos < 0 or pos + 12 > len(head):
             if len(head) >= size: return None   # no Pixel Data element in the file
-            head += f.read()   # the header goes on past the first read
+            head += f.read(len(head))   # the header goes on past what was read: read as much again
             continue
         buf = head[:pos] + _sentinel(implicit)
         try: sds = _sdl.open_memory(buf, False)
@@ -123,6 +123,7 @@ _PRINTABLE = re.compile(rb'[\x20-\x7e]*')
 _INT = re.compile(rb' *[+-]?[0-9]+ *')
 _DECIMAL = re.compile(rb' *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *')
 
+@functools.lru_cache(maxsize=4096)   # a series repeats most of these values from file to file
 def _value(kind, v):
     "The value of raw bytes `v` of `kind` as pydicom converts it, or False when that isn't certain (the file goes to pydicom)."
     if kind in ('US', 'SS'): return (_U16 if kind == 'US' else _S16)(v)[0] if len(v) == 2 else False
@@ -142,7 +143,7 @@ def _value(kind, v):
 
 def _header(buf, sds, implicit, ts):
     "A `Header` of the `HEADER_KEYWORDS` elements present; None when the file holds a `DECLINE_KEYWORDS` element, dicomsdl's account doesn't match the bytes, or a value isn't one `_value` converts with certainty."
-    for t in _DECLINE_TAGS:
+    for t, _ in _DECLINE_TAGS:
         if sds.getDataElement(t).offset(): return None
     hdr = Header()
     for kw, t, tb, kind, vrs in _HEADER_TAGS:
