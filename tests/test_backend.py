@@ -257,3 +257,16 @@ def test_icon_pixel_data_before_the_image(tmp_path, transfer_syntax):
     ref = pydicom.dcmread(f).pixel_array
     res = load(f)
     assert res is not None and np.array_equal(res[1], ref)
+
+@needs_backend
+@pytest.mark.parametrize('extra', [10_000, 40_000, 300_000])
+def test_header_longer_than_the_first_read(tmp_path, extra):
+    "A header running past the first read (`backend._HEAD`, a long private value before the image) is read on until the Pixel Data element: the same stored values and header as pydicom's."
+    f = synth_dicom(tmp_path/'ct.dcm', modality='CT', size=16, windows=[(40, 400)])
+    ds = pydicom.dcmread(f)
+    ds.add_new(0x00291010, 'OB', bytes(range(256)) * (extra // 256))   # a vendor's private blob, as in CSA headers
+    ds.save_as(f)
+    res = load(f)
+    assert res is not None
+    ref = pydicom.dcmread(f)
+    assert np.array_equal(res[1], ref.pixel_array) and res[0].get('WindowCenter') == ref.WindowCenter
