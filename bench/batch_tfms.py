@@ -12,7 +12,9 @@ Workload: 64 CT slices of 512 x 512 in HU -> 3 windows (brain, subdural, bone) +
 - item/fastdcm: the fastdcm transforms themselves, called once per item (batch of 1): isolates what batching buys.
 
 Each figure is the best of `--repeats` runs, all measured in this one run. Prints seconds and ratios.
-Run: python bench/batch_tfms.py [--n 64] [--size 512] [--repeats 3] [--device cpu]
+On the CPU, Window's and the lighting's output buffers are reused from one call to the next once nothing refers to
+them (`fastdcm.augment._reusable`), as they are in training, where each batch is dropped before the next.
+Run: python bench/batch_tfms.py [--n 64] [--size 512] [--repeats 3] [--device cpu|cuda] [--threads N]
 """
 import argparse, time, warnings
 import torch
@@ -51,7 +53,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument('--n', type=int, default=64); p.add_argument('--size', type=int, default=512)
     p.add_argument('--repeats', type=int, default=3); p.add_argument('--device', default='cpu')
+    p.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's, one per core)")
     a = p.parse_args()
+    if a.threads: torch.set_num_threads(a.threads)
     names = ['brain', 'subdural', 'bone']
     wins = [dicom_windows[o] for o in names]
     x = make_batch(a.n, a.size, a.device)

@@ -4,8 +4,9 @@
      decoded by pydicom (the compiled backend switched off);
 (a+) the same with the compiled backend (`fastdcm.backend`, `pip install fastdcm[fast]`) reading the files, when installed;
 (b)  fastai.medical.imaging's tutorial DataBlock: `ImageBlock(cls=PILDicom)`, `Resize`, `aug_transforms`;
-(a0) (a) without fastdcm's `RecalibrateBN` callback, which fastdcm's `vision_learner` adds: before each validation it
-     re-runs up to 8 training batches (decode, transforms and forward) to re-estimate BatchNorm statistics;
+(a0) (a) without fastdcm's `RecalibrateBN` callback, which fastdcm's `vision_learner` adds when training from scratch:
+     before each validation it re-estimates BatchNorm statistics with forward passes (no gradient) on the inputs of
+     the epoch's last training batches (4, at most a quarter of the epoch's: here 2 of 6);
 (c)  (a) with a warm `DecodeCache`;
 (d)  8-bit PNG exports of the same files (window 'auto', written before timing) through `ImageDataLoaders`.
 
