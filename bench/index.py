@@ -11,7 +11,8 @@ Writes N (default 2,000) small CTs (pydicom's `CT_small.dcm`, a new SOP Instance
   `fastdcm.core._converted`);
 - the same through `Dataset.__getitem__` for every element (the conversion route before issue 13);
 - `index_dicoms(arc, n_workers=2)`: the local process pool (bounded by the free cores: the load average is printed);
-- then the first three again on pydicom's own test files (mixed headers: few conversions reused).
+- then the first three again on a CT series as a scanner writes it (bench/decode.py's header: per-slice UIDs,
+  positions, numbers), and on pydicom's own test files (mixed headers: few conversions reused).
 
 Reused conversions are cleared before every timed pass.
 
@@ -54,6 +55,28 @@ def getitem_route():
     core._converted = lambda ds, tag, charset, settings=None: ds[tag]
     try: yield
     finally: core._converted = orig
+
+def series(n, repeat):
+    "The same on a CT series as a scanner writes it (bench/decode.py's header: a UID, position, instance number and slice location per slice, the rest repeated), 32 x 32 pixels: the realistic share of reused conversions."
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode import make_files
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        files = make_files(tmp, n, 32)
+        runs = {'pydicom loop': (lambda: pydicom_loop(files), False), 'index_dicoms, 1 process': (lambda: index_dicoms(files, n_workers=0, progress=False), False),
+                'index_dicoms, __getitem__ route': (lambda: index_dicoms(files, n_workers=0, progress=False), True)}
+        best = {k: float('inf') for k in runs}
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            for _ in range(repeat):
+                for k, (f, old) in runs.items():
+                    core._CONVERTED.clear()
+                    with (getitem_route() if old else contextlib.nullcontext()):
+                        t = time.perf_counter(); f(); best[k] = min(best[k], time.perf_counter() - t)
+        print(f'a CT series of {n} slices (bench/decode.py\'s header), best of {repeat}; load average {os.getloadavg()[0]:.2f}')
+        for k, t in best.items(): print(f'  {k:52s} {n/t:7.0f} files/s   x{best["pydicom loop"]/t:5.2f} vs the pydicom loop')
+    finally: shutil.rmtree(tmp, ignore_errors=True)
 
 def mixed(repeat):
     "The same on pydicom's own test files (~150 different headers: CT, MR, RT, SR, US, enhanced...): little repeats from file to file, so few conversions are reused."
@@ -106,6 +129,7 @@ def main(n=2000, repeat=3):
         for k, t in best.items(): print(f'  {k:52s} {n/t:7.0f} files/s   x{anchor/t:5.2f} vs the pydicom loop')
         print(f"index_dicoms 1 process: x{best['index_dicoms, 1 process, Dataset.__getitem__ route']/best['index_dicoms, 1 process']:.2f} "
               f"vs the __getitem__ route (before issue 13)")
+        series(n, repeat)
         mixed(repeat)
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
