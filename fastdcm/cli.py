@@ -208,7 +208,7 @@ def _inputs(args) -> str:
 # the defaults of fastdcm.learner.run_demo and fastdcm.volume_learner.run_demo_3d (a test keeps them equal):
 # --help shows them without importing fastai; an option left out keeps the function's own default
 _DEMO_DEFAULTS = {'2d': dict(out='demo_out', epochs=4, n_patients=64, seed=42),
-                  '3d': dict(out='a new temporary folder', epochs=30, n_patients=16, seed=42)}
+                  '3d': dict(out='a new temporary folder', epochs=30, n_patients=32, seed=42)}
 
 def _demo_help(text, key):
     d2, d3 = _DEMO_DEFAULTS['2d'][key], _DEMO_DEFAULTS['3d'][key]

@@ -183,7 +183,7 @@ def _dice(a, b) -> float:
     return 2*int((a & b).sum())/s if s else 1.
 
 def run_demo_3d(out=None, # folder for the series, SEG and picture (None: a new temporary folder)
-                n_patients:int=16, # synthetic patients, one CT series with a nodule each
+                n_patients:int=32, # synthetic patients, one CT series with a nodule each
                 epochs:int=30, size:int=32, # voxels along each side of a series (1 mm isotropic)
                 patch:int=24, # training crops, patch^3 voxels around the nodules
                 bs:int=2, lr:float=1e-2, channels=(16, 32, 64), # U-Net channels per level
