@@ -76,9 +76,9 @@ def _reusable(shape:tuple, like:torch.Tensor) -> torch.Tensor:
         if pool[i].shape == shape and pool[i].dtype == like.dtype: return pool[i].view(shape)
     # kept as a plain tensor of its own (a subclass or an alias would hold a second tensor on the memory)
     t = torch.empty(shape, dtype=like.dtype, device=like.device)
-    if len(pool) < _MAX_REUSABLE: pool.append(t)
-    elif free: pool[free[0]] = t            # drop a free buffer of another shape
-    else: return t                          # every kept buffer is in use: this one isn't kept
+    # full: drop a free buffer of another shape, else forget the oldest (its holders keep it as long as they like)
+    if len(pool) >= _MAX_REUSABLE: pool.pop(free[0] if free else 0)
+    pool.append(t)
     return t.view(shape)                    # hand out a view: while it (or anything made from it) lives, the buffer is in use
 
 # %% ../nbs/04_augment.ipynb #3f36eacf
