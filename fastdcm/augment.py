@@ -71,13 +71,14 @@ def _reusable(shape:tuple, like:torch.Tensor) -> torch.Tensor:
     if like.device.type != 'cpu' or _ALONE is None: return like.new_empty(shape)
     pool = _scratch.__dict__.setdefault('reusable', [])
     shape = torch.Size(shape)
-    free = [i for i,t in enumerate(pool) if _storage_users(t) == _ALONE]
-    for i in free:
-        if pool[i].shape == shape and pool[i].dtype == like.dtype: return pool[i].view(shape)
+    # least recently handed out first: the buffers a pipeline's stages use on every batch stay, those someone keeps age out
+    for i,t in enumerate(pool):
+        if t.shape == shape and t.dtype == like.dtype and _storage_users(t) == _ALONE:
+            pool.append(pool.pop(i))
+            return t.view(shape)
     # kept as a plain tensor of its own (a subclass or an alias would hold a second tensor on the memory)
     t = torch.empty(shape, dtype=like.dtype, device=like.device)
-    # full: drop a free buffer of another shape, else forget the oldest (its holders keep it as long as they like)
-    if len(pool) >= _MAX_REUSABLE: pool.pop(free[0] if free else 0)
+    if len(pool) >= _MAX_REUSABLE: pool.pop(0)   # forgotten: whoever still holds it keeps it
     pool.append(t)
     return t.view(shape)                    # hand out a view: while it (or anything made from it) lives, the buffer is in use
 
