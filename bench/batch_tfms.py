@@ -11,12 +11,12 @@ Workload: 64 CT slices of 512 x 512 in HU -> 3 windows (brain, subdural, bone) +
            that item (fastai's own lighting code).
 - item/fastdcm: the fastdcm transforms themselves, called once per item (batch of 1): isolates what batching buys.
 
-Each figure is the best of `--repeats` runs, all measured in this one run. Prints seconds and ratios.
+Each figure is the best of `--repeats` rounds, the paths taking turns within each round, all in this one run. Prints seconds and ratios.
 On the CPU, Window's and the lighting's output buffers are reused from one call to the next once nothing refers to
 them (`fastdcm.augment._reusable`), as they are in training, where each batch is dropped before the next.
 Run: python bench/batch_tfms.py [--n 64] [--size 512] [--repeats 3] [--device cpu|cuda] [--threads N]
 """
-import argparse, time, warnings
+import argparse, os, time, warnings
 import torch
 import torch.nn.functional as F
 warnings.filterwarnings('ignore')
@@ -75,10 +75,15 @@ def main():
 
     out = batch()
     assert out.shape == (a.n, 3, a.size, a.size)
-    t_batch = timeit(batch, a.repeats, a.device)
-    t_fm = timeit(item_fastai_medical, a.repeats, a.device)
-    t_fd = timeit(item_fastdcm, a.repeats, a.device)
-    print(f'device={a.device} threads={torch.get_num_threads()} batch={a.n}x{a.size}x{a.size}, 3 windows + flip/rotate/zoom/warp + lighting')
+    del out                                   # dropped, as a training loop drops each batch
+    # the paths take turns within each round, so a change of load on a shared machine hits all of them alike
+    t_batch = t_fm = t_fd = float('inf')
+    for _ in range(a.repeats):
+        t_batch = min(t_batch, timeit(batch, 1, a.device))
+        t_fm = min(t_fm, timeit(item_fastai_medical, 1, a.device))
+        t_fd = min(t_fd, timeit(item_fastdcm, 1, a.device))
+    print(f'device={a.device} threads={torch.get_num_threads()} batch={a.n}x{a.size}x{a.size}, 3 windows + flip/rotate/zoom/warp + lighting'
+          + (f'; load average {os.getloadavg()[0]:.2f}' if hasattr(os, 'getloadavg') else ''))
     print(f'batch (fastdcm, one call)          : {t_batch:7.3f} s')
     print(f'per item, fastai.medical windowed  : {t_fm:7.3f} s   ratio {t_fm/t_batch:5.2f}x  (anchor)')
     print(f'per item, fastdcm transforms       : {t_fd:7.3f} s   ratio {t_fd/t_batch:5.2f}x')
