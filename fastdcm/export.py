@@ -197,8 +197,13 @@ def write_converted(fn, x, fmt:str='png16', stage:str='modality', slope:float|No
     return atomic_write(fn, lambda p: (_write_png if fmt=='png16' else _write_tiff)(p, q, meta))
 
 def read_converted(path) -> np.ndarray:
-    "The float32 values (modality or display stage) stored by `convert` / `write_converted` in `path`."
-    path = Path(path); ext = path.suffix.lower()
+    "The float32 values (modality or display stage) stored by `convert` / `write_converted` in `path` (or in the file's bytes, e.g. an object read from a bucket)."
+    if isinstance(path, (bytes, bytearray)):    # the format from the leading bytes, as there is no suffix
+        data = bytes(path); path = io.BytesIO(data)
+        ext = ('.npy' if data[:6] == b'\x93NUMPY' else '.png' if data[:8] == b'\x89PNG\r\n\x1a\n'
+               else '.tiff' if data[:4] in (b'II*\x00', b'MM\x00*') else '')
+        name = f'<{len(data)} bytes>'
+    else: path = name = Path(path); ext = path.suffix.lower()
     if ext=='.npy': return np.load(path).astype(np.float32)
     if ext=='.png':
         with PIL.Image.open(path) as img:
@@ -206,8 +211,8 @@ def read_converted(path) -> np.ndarray:
     elif ext in ('.tif', '.tiff'):
         import tifffile
         with tifffile.TiffFile(path) as t: meta, q = t.pages[0].description, t.asarray()
-    else: raise ValueError(f'{path}: not a file written by fastdcm.export (.png, .tiff or .npy)')
-    if not meta: raise ValueError(f'{path}: no fastdcm value mapping in this file (it was not written by convert)')
+    else: raise ValueError(f'{name}: not a file written by fastdcm.export (.png, .tiff or .npy)')
+    if not meta: raise ValueError(f'{name}: no fastdcm value mapping in this file (it was not written by convert)')
     meta = json.loads(meta)
     return dequantize16(q, meta['offset'], meta['scale'])
 

@@ -24,7 +24,7 @@ from fastai.vision.data import AddMaskCodes
 from fastai.losses import CrossEntropyLossFlat
 from fastai.vision.augment import RandTransform, Resize, RandomResizedCrop, CropPad, RandomCrop, PadMode
 from fasttransform import Transform, DisplayedTransform
-from .core import DicomError, dcmread, source_name
+from .core import DicomError, dcmread, source_name, _is_remote, _remote
 from .pixels import dicom_pixels, _get
 
 # %% auto #0
@@ -212,23 +212,29 @@ _IMAGE_MAGIC = (b'\x89PNG\r\n\x1a\n', b'\xff\xd8\xff', b'II*\x00', b'MM\x00*')
 
 def _leading_bytes(src, n=8):
     if isinstance(src, (bytes, bytearray)): return bytes(src[:n])
+    if _is_remote(src):                              # an object in a bucket: one small ranged read
+        fs, path, _ = _remote(src)
+        try:
+            with fs.open(path, 'rb', block_size=max(n, 512), cache_type='readahead') as f: return f.read(n)
+        except (FileNotFoundError, IsADirectoryError): return b''
     if isinstance(src, (str, os.PathLike)) and os.path.isfile(src):
         with open(src, 'rb') as f: return f.read(n)
     return b''
 
 def is_image_file(src) -> bool:
-    "Whether `src` (path or bytes) is a PNG, JPEG or TIFF, by its leading bytes (a DICOM file's preamble may hold a TIFF header: DICM wins)."
+    "Whether `src` (path, URL or bytes) is a PNG, JPEG or TIFF, by its leading bytes (a DICOM file's preamble may hold a TIFF header: DICM wins)."
     head = _leading_bytes(src, 132)
     return head[128:132] != b'DICM' and any(head.startswith(m) for m in _IMAGE_MAGIC)
 
 def _converted_stage(src):
     "The stage recorded by `fastdcm.export` in a png16/tiff16 file, or None for anyone else's image."
     try:
+        f = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray)) else src
         if _leading_bytes(src).startswith(_IMAGE_MAGIC[0]):
-            with PIL.Image.open(src) as img: meta = img.text.get('fastdcm')
+            with PIL.Image.open(f) as img: meta = img.text.get('fastdcm')
         elif _leading_bytes(src)[:4] in _IMAGE_MAGIC[2:]:
             import tifffile
-            with tifffile.TiffFile(src) as t: meta = t.pages[0].description
+            with tifffile.TiffFile(f) as t: meta = t.pages[0].description
         else: return None
         return json.loads(meta).get('stage', 'modality') if meta else None
     except (ValueError, OSError, KeyError, AttributeError): return None
@@ -260,9 +266,13 @@ def _foreign_values(src, name) -> np.ndarray:
     raise ForeignImageError(name, f'{a.dtype} samples: expected 8- or 16-bit unsigned')
 
 def open_image(src, invert:bool=False) -> TensorDicom:
-    "Open a PNG/JPEG/TIFF `src` (path or bytes) into a float32 1 x H x W `TensorDicom`: fastdcm exports at their exact values, others as [0,1] display values (`invert`: the file is stored inverted)."
+    "Open a PNG/JPEG/TIFF `src` (path, URL or bytes) into a float32 1 x H x W `TensorDicom`: fastdcm exports at their exact values, others as [0,1] display values (`invert`: the file is stored inverted)."
     name = _fname(src)
-    stage = _converted_stage(src) if isinstance(src, (str, os.PathLike)) else None
+    if _is_remote(src):                              # one request for the whole object, then as bytes
+        fs, path, name = _remote(src)
+        try: src = fs.cat_file(path)
+        except (FileNotFoundError, IsADirectoryError) as e: raise FileNotFoundError(f'{name}: no such file') from e
+    stage = _converted_stage(src)
     if stage is not None:
         from fastdcm.export import read_converted      # lazily: the export module is only needed here
         arr, source = read_converted(src), 'png16'

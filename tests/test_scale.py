@@ -349,3 +349,26 @@ def test_lower_layer_imports_no_scale_extra():
             "print(sorted(m for m in ('dask', 'distributed', 'fsspec', 's3fs', 'accelerate', 'fastai') if m in sys.modules))")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == '[]', out.stdout + out.stderr[-2000:]
+
+def test_s3_png_and_png16_items(s3, tmp_path, monkeypatch):
+    "PNG beside DICOM in a bucket: a foreign 8-bit PNG and a fastdcm png16 export at s3:// URLs open as they do from disk (the png16 at its exact values, its stage kept)."
+    import fsspec, PIL.Image
+    from fastdcm.transforms import open_dicom, is_image_file
+    from fastdcm.export import write_converted
+    fs, so = s3
+    monkeypatch.setitem(fsspec.config.conf, 's3', so)
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 256, (16, 20), dtype=np.uint8)).save(tmp_path/'film.png')
+    write_converted(tmp_path/'ct.png', rng.normal(0, 300, (16, 20)).astype(np.float32), 'png16', stage='modality')
+    fs.put(str(tmp_path/'film.png'), 'scans/img/film.png'); fs.put(str(tmp_path/'ct.png'), 'scans/img/ct.png')
+    for name, source, stage in [('film.png', 'foreign', 'display'), ('ct.png', 'png16', 'modality')]:
+        url = f's3://scans/img/{name}'
+        assert is_image_file(url)
+        remote, local = open_dicom(url), open_dicom(tmp_path/name)
+        assert torch_equal(remote, local)
+        assert (remote.source, remote.stage) == (source, stage)
+    with pytest.raises(FileNotFoundError, match='missing.png'): open_dicom('s3://scans/img/missing.png')
+
+def torch_equal(a, b):
+    import torch
+    return a.shape == b.shape and torch.equal(a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor))
