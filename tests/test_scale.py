@@ -2,7 +2,7 @@
 and DICOM from object storage through fsspec against a real S3 server (moto) on the loopback interface.
 
 Everything here needs the `scale`/`cloud` extras (in `dev`); without them each test is skipped with the reason."""
-import os, shutil, hashlib, threading
+import os, shutil, hashlib
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, pydicom
 from pydicom.data import get_testdata_file
@@ -258,12 +258,9 @@ def test_s3_decode_cache(s3_archive, tmp_path, monkeypatch):
     import s3fs
     local, url, so = s3_archive
     fs = s3fs.S3FileSystem(**so)                                  # fsspec's cached instance: the one the cache's reads use
-    gets, me = [], threading.get_ident()
+    gets = []
     for m in ('cat_file', 'open'):
-        def counting(path, *a, _orig=getattr(fs, m), _m=m, **k):
-            # this test's own calls only: in the whole suite an earlier test's loader thread may still read from the bucket
-            if threading.get_ident() == me: gets.append((_m, path))
-            return _orig(path, *a, **k)
+        def counting(path, *a, _orig=getattr(fs, m), _m=m, **k): gets.append((_m, path)); return _orig(path, *a, **k)
         monkeypatch.setattr(fs, m, counting)
     src = get_dicom_files(url, storage_options=so)[0]
     cache = DecodeCache(tmp_path/'c', storage_options=so)
