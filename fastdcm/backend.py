@@ -10,7 +10,6 @@ Docs: https://fastdcm.github.io/fastdcm/backend.html.md"""
 from __future__ import annotations
 import functools, math, os, re, struct
 import numpy as np
-from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.datadict import tag_for_keyword
 
@@ -67,13 +66,6 @@ def _element(sds, buf, tag, tag_bytes, implicit):
     else: return False
     return vr, buf[off:off+n]
 
-def _raw(sds, buf, tag, T, tag_bytes, implicit):
-    "Element `tag` of dicomsdl's dataset `sds` as pydicom's own `RawDataElement` of the bytes in `buf` (pydicom converts it on access, as after its own read); None when absent; False when the bytes there don't hold it as dicomsdl says."
-    el = _element(sds, buf, tag, tag_bytes, implicit)
-    if not el: return el
-    vr, value = el
-    return RawDataElement(T, None if vr is None else vr.decode('latin-1'), len(value), value,
-                          sds.getDataElement(tag).offset(), implicit, True, True, False)
 
 # %% ../nbs/01a_backend.ipynb #9f806ba1
 def _transfer_syntax(head):

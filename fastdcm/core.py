@@ -12,7 +12,7 @@ import os, re, warnings, mmap, struct
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from functools import partial
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 import io
 import numpy as np, pandas as pd
 import pydicom

@@ -133,11 +133,17 @@ def padding_range(ds:Dataset):
     lim = _signed_value(lim, ds)
     return (min(v, lim), max(v, lim))
 
-def _mask_from_stored(stored, ds):
+def _padding(stored, ds):
+    "The padding pixels of `stored`, or None when the file declares no padding or no pixel is one (most files: no mask to build or scan)."
     rng = padding_range(ds)
-    if rng is None or stored.ndim == 0: return np.zeros(stored.shape, bool)
+    if rng is None or stored.ndim == 0: return None
     lo, hi = rng
-    return (stored == lo) if lo == hi else ((stored >= lo) & (stored <= hi))
+    mask = (stored == lo) if lo == hi else ((stored >= lo) & (stored <= hi))
+    return mask if mask.any() else None
+
+def _mask_from_stored(stored, ds):
+    mask = _padding(stored, ds)
+    return np.zeros(stored.shape, bool) if mask is None else mask
 
 # %% ../nbs/01_pixels.ipynb #d2dda65f
 def _float(v, default):
@@ -680,9 +686,7 @@ def _pixels(src, stage, frame, window, pad_value, header=None, into=None):
         if window is None: return out / np.float32(2**_colour_bits(ds, stored) - 1)
         spec = _window_spec(ds, window, frame, name)
         return _apply_voi(out, spec, ds, (float(out.min()), float(out.max()))).astype(np.float32)
-    # the padding pixels, None when there are none (most files declare no padding: no mask to build and scan)
-    mask = _mask_from_stored(stored, ds) if padding_range(ds) is not None else None
-    if mask is not None and not mask.any(): mask = None
+    mask = _padding(stored, ds)   # None when there are none
     if stage == 'stored':
         out = stored.astype(np.float32)
         if pad_value is not None and mask is not None: out[mask] = pad_value
