@@ -57,15 +57,7 @@ def export_png8(df, folder):
     out['fname'] = names
     return out
 
-@contextlib.contextmanager
-def backend_switched(on:bool):
-    "Run with the compiled backend reading the files (`on`) or declining all, so pydicom reads them (`fastdcm.pixels._load` is wired to it)."
-    from fastdcm import backend
-    orig = backend.load
-    try:
-        if not on: backend.load = lambda *a, **k: None
-        yield
-    finally: backend.load = orig
+from backend import backend_switched   # bench/backend.py's: the compiled backend reading files, or declining all
 
 def fastdcm_dls(df, px, bs, seed, cache=None):
     from fastdcm.transforms import DicomBlock, DicomResize
