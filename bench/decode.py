@@ -9,7 +9,9 @@ the same values as the others (and as pydicom), then times each reader over all 
 readers interleaved) and prints files/s and ratios against pydicom measured in this same run.
 
 - 'fastdcm, fast extra': as shipped with `pip install fastdcm[fast]` (dicomsdl reads uncompressed headers, CharLS
-  decodes JPEG-LS); 'fastdcm, pydicom only': the same code with the extra switched off (the plain install).
+  decodes JPEG-LS, OpenJPEG through imagecodecs decodes JPEG 2000 on `decode_threads()` threads: as many as the CPUs,
+  at most 8); '..., 1 decode thread': the same with `FASTDCM_DECODE_THREADS=1` (JPEG 2000 only: what threads add);
+  'fastdcm, pydicom only': the same code with the extra switched off (the plain install).
 
 Goals (issue 13): with the extra >= 4x pydicom on uncompressed 512x512 CT and >= 2x on JPEG 2000 / JPEG-LS; without
 it, no slower than before. CPU only (no --device: nothing here runs on a GPU). Not run in CI.
@@ -78,13 +80,17 @@ def compressed_copies(files, folder, uid):
     return out, None
 
 @contextlib.contextmanager
-def fast_extra(on:bool):
-    "`fastdcm.pixels` as shipped (`on`: the `fast` extra used where installed) or with the extra switched off (the plain install's path)."
-    load, jls = backend.load, pixels._decode_jpeg_ls
+def fast_extra(on, threads=None):
+    "`fastdcm.pixels` as shipped (`on`: the `fast` extra used where installed; `threads`: JPEG 2000 decode threads, default `decode_threads()`) or with the extra switched off (the plain install's path)."
+    load, jls, j2k, env = backend.load, pixels._decode_jpeg_ls, pixels._decode_j2k, os.environ.get('FASTDCM_DECODE_THREADS')
     try:
-        if not on: backend.load, pixels._decode_jpeg_ls = (lambda *a, **k: None), (lambda *a, **k: None)
+        if not on: backend.load, pixels._decode_jpeg_ls, pixels._decode_j2k = (lambda *a, **k: None), (lambda *a, **k: None), (lambda *a, **k: None)
+        if threads: os.environ['FASTDCM_DECODE_THREADS'] = str(threads)
         yield
-    finally: backend.load, pixels._decode_jpeg_ls = load, jls
+    finally:
+        backend.load, pixels._decode_jpeg_ls, pixels._decode_j2k = load, jls, j2k
+        if env is None: os.environ.pop('FASTDCM_DECODE_THREADS', None)
+        else: os.environ['FASTDCM_DECODE_THREADS'] = env
 
 def read_fastdcm(fn): return dicom_pixels(fn, 'modality')
 def read_pydicom(fn):
@@ -104,7 +110,8 @@ def dicomsdl_reader():
     except ImportError as e: return None, f'{type(e).__name__}: {e}'
     return (lambda fn: dicomsdl.open_file(str(fn)).pixelData()), None
 
-FAST, PLAIN, PYD = 'fastdcm dicom_pixels, fast extra', 'fastdcm dicom_pixels, pydicom only', 'pydicom pixel_array + apply_modality_lut'
+FAST, FAST1, PLAIN, PYD = ('fastdcm dicom_pixels, fast extra', 'fastdcm dicom_pixels, fast extra, 1 decode thread',
+                          'fastdcm dicom_pixels, pydicom only', 'pydicom pixel_array + apply_modality_lut')
 
 def bench_set(name, files, rounds):
     "Check, time and print every reader on `files`; returns {reader: files/s}."
@@ -112,7 +119,8 @@ def bench_set(name, files, rounds):
     with fast_extra(False): plain = read_fastdcm(files[0])
     assert fast.dtype == plain.dtype == np.float32 and np.array_equal(fast, plain), f'{name}: fastdcm with and without the extra differ'
     np.testing.assert_allclose(fast, read_pydicom(files[0]), atol=1e-3)   # these files have no padding
-    readers = {FAST: (read_fastdcm, True), PLAIN: (read_fastdcm, False), PYD: (read_pydicom, None)}
+    readers = {FAST: (read_fastdcm, True), FAST1: (read_fastdcm, 1), PLAIN: (read_fastdcm, False), PYD: (read_pydicom, None)}
+    if 'JPEG 2000' not in name: del readers[FAST1]   # threads only matter to JPEG 2000's decode
     notes = []
     for label, (f, why) in {'fastai PILDicom.create': fastai_reader(), "dicomsdl's own pixelData() float32 (unchecked)": dicomsdl_reader()}.items():
         if f is not None:
@@ -124,7 +132,7 @@ def bench_set(name, files, rounds):
         warnings.simplefilter('ignore')
         for _ in range(rounds):
             for k, (f, on) in readers.items():
-                with (fast_extra(on) if on is not None else contextlib.nullcontext()):
+                with (fast_extra(bool(on), threads=None if on is True else on) if on is not None else contextlib.nullcontext()):
                     t0 = time.perf_counter()
                     for fn in files: f(fn)
                     best[k] = min(best[k], time.perf_counter() - t0)
@@ -147,11 +155,14 @@ def main(n=200, n_compressed=40, size=512, rounds=3):
         for fs in sets.values():
             for fn in fs: fn.read_bytes()   # warm the OS cache
         print(f'os.cpu_count()={os.cpu_count()}, load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}; '
-              f'dicomsdl installed: {backend.available()}; pyjpegls installed: {_has("jpeg_ls")}')
+              f'dicomsdl installed: {backend.available()}; pyjpegls installed: {_has("jpeg_ls")}; '
+              f'imagecodecs installed: {_has("imagecodecs")}, JPEG 2000 decode threads: {backend.decode_threads()}')
         res = {k: bench_set(k, fs, rounds) for k, fs in sets.items()}
         for s in skipped: print(s)
         print('\ngoals: fast extra / pydicom (>= 4 uncompressed, >= 2 JPEG 2000 / JPEG-LS); pydicom only / pydicom (no slower than before)')
-        for k, r in res.items(): print(f'  {k:40s} fast extra x{r[FAST]/r[PYD]:5.2f}   pydicom only x{r[PLAIN]/r[PYD]:5.2f}')
+        for k, r in res.items():
+            one = f'   (1 decode thread x{r[FAST1]/r[PYD]:5.2f})' if FAST1 in r else ''
+            print(f'  {k:40s} fast extra x{r[FAST]/r[PYD]:5.2f}   pydicom only x{r[PLAIN]/r[PYD]:5.2f}{one}')
         print(f'load average after: {os.getloadavg()[0]:.2f}')
         return res
     finally: shutil.rmtree(folder, ignore_errors=True)

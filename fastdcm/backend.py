@@ -1,6 +1,6 @@
 """An optional compiled reader for the hot path: dicomsdl parses the header in C++, numpy reads the stored pixel values, pydicom stays the reference and the fallback.
 
-Public API: `HEADER_KEYWORDS`, `DECLINE_KEYWORDS`, `available`, `Header`, `load`
+Public API: `HEADER_KEYWORDS`, `DECLINE_KEYWORDS`, `available`, `Header`, `load`, `decode_threads`, `j2k_decoder`
 
 Docs: https://fastdcm.github.io/fastdcm/backend.html.md"""
 
@@ -8,16 +8,18 @@ Docs: https://fastdcm.github.io/fastdcm/backend.html.md"""
 
 # %% ../nbs/01a_backend.ipynb #c2fbee52
 from __future__ import annotations
-import functools, math, os, re, struct
+import functools, math, multiprocessing, os, re, struct, sys, threading
 import numpy as np
 from pydicom.tag import Tag
 from pydicom.datadict import tag_for_keyword
 
 try: import dicomsdl as _sdl
 except ImportError: _sdl = None   # the optional extra is not installed: `load` declines everything
+try: import imagecodecs as _imagecodecs
+except ImportError: _imagecodecs = None   # JPEG 2000 stays with pydicom's own plugins
 
 # %% auto #0
-__all__ = ['HEADER_KEYWORDS', 'DECLINE_KEYWORDS', 'available', 'Header', 'load']
+__all__ = ['HEADER_KEYWORDS', 'DECLINE_KEYWORDS', 'available', 'Header', 'load', 'decode_threads', 'j2k_decoder']
 
 # %% ../nbs/01a_backend.ipynb #5bfc4d42
 def available() -> bool:
@@ -208,3 +210,41 @@ def load(src, frame:int|None=None):
     if arr is None: return None
     hdr.filename = os.fspath(src)
     return hdr, arr
+
+# %% ../nbs/01a_backend.ipynb #3f608c36
+def decode_threads() -> int:
+    "Threads one JPEG 2000 decode may use: `FASTDCM_DECODE_THREADS` when set, else 1 off the main thread or in a process `multiprocessing` started (a DataLoader worker, a process pool), else the CPUs this process may run on, at most 8."
+    env = os.environ.get('FASTDCM_DECODE_THREADS', '').strip()
+    if env:
+        try: return max(1, int(env))
+        except ValueError: raise ValueError(f'FASTDCM_DECODE_THREADS={env!r}: use a whole number of threads') from None
+    if threading.current_thread() is not threading.main_thread() or multiprocessing.parent_process() is not None: return 1
+    try: n = len(os.sched_getaffinity(0))
+    except AttributeError: n = os.cpu_count() or 1   # macOS, Windows
+    return max(1, min(8, n))
+
+# %% ../nbs/01a_backend.ipynb #f7ff0585
+_J2K_TS = ('1.2.840.10008.1.2.4.90', '1.2.840.10008.1.2.4.91', '1.2.840.10008.1.2.4.201', '1.2.840.10008.1.2.4.202', '1.2.840.10008.1.2.4.203')
+# the module-level names pydicom's decoder-plugin interface requires (pydicom guides/decoding/decoder_plugins)
+DECODER_DEPENDENCIES = {uid: ('imagecodecs>=2024.1.1',) for uid in _J2K_TS}
+def is_available(uid:str) -> bool: return _imagecodecs is not None and uid in _J2K_TS
+
+def _decode_j2k_frame(src:bytes, runner) -> bytes:
+    "One JPEG 2000 frame decoded by OpenJPEG (imagecodecs) on `decode_threads()` threads, then what pydicom's pylibjpeg plugin does after OpenJPEG: colour transforms are undone by the decoder, and the sample size follows the codestream's precision."
+    arr = _imagecodecs.jpeg2k_decode(src, numthreads=decode_threads())
+    if runner.photometric_interpretation in ('YBR_ICT', 'YBR_RCT'): runner.set_option('photometric_interpretation', 'RGB')
+    precision = runner.get_option('j2k_precision', runner.bits_stored)
+    for bits in (8, 16, 32):
+        if 0 < precision <= bits: runner.set_option('bits_allocated', bits); break
+    return arr.tobytes()
+
+# %% ../nbs/01a_backend.ipynb #45f1823f
+@functools.cache
+def j2k_decoder(uid:str):
+    "A pydicom `Decoder` for JPEG 2000 / HTJ2K transfer syntax `uid` whose one plugin, 'imagecodecs', decodes on `decode_threads()` threads; None without imagecodecs (`fastdcm[fast]`) or for another syntax."
+    if not is_available(str(uid)): return None
+    from pydicom.pixels.decoders.base import Decoder
+    from pydicom.uid import UID
+    dec = Decoder(UID(str(uid)))
+    dec.add_plugin('imagecodecs', (__name__, '_decode_j2k_frame'))
+    return dec

@@ -447,6 +447,7 @@ def _decode_pydicom(ds, frame, name):
                 arr, _ = decoder.as_array(ds, index=None if nf == 1 else frame, as_rgb=False)
                 arr = ybr_full_to_rgb(arr, int(_get(ds, 'BitsStored') or _get(ds, 'BitsAllocated')))
             elif (arr := _decode_jpeg_ls(ds, ts, decoder, frame, nf)) is not None: pass
+            elif (arr := _decode_j2k(ds, ts, frame, nf)) is not None: pass
             elif frame is None or nf == 1: arr = ds.pixel_array
             else: arr, _ = decoder.as_array(ds, index=frame, as_rgb=True)
     except DicomError: raise
@@ -583,6 +584,13 @@ def _decode_jpeg_ls(ds, ts, decoder, frame, nf):
     "JPEG-LS pixels decoded by CharLS through pydicom's `pyjpegls` plugin when it is installed (`fastdcm[fast]`), else None. pydicom tries pylibjpeg-libjpeg first, 5-7x slower on JPEG-LS; JPEG-LS decoding is exact (ISO 14495-1: lossless and near-lossless decoders reproduce the encoder's reconstruction), so the values are the same. A stream CharLS refuses goes back to pydicom's own choice, which raises today's error."
     if ts not in _JPEG_LS_TS or 'pyjpegls' not in decoder.available_plugins: return None
     try: return decoder.as_array(ds, index=None if frame is None or nf == 1 else frame, as_rgb=True, decoding_plugin='pyjpegls')[0]
+    except Exception: return None   # pydicom's default plugin decodes it, or raises the error the caller maps
+
+def _decode_j2k(ds, ts, frame, nf):
+    "JPEG 2000 / HTJ2K pixels decoded by OpenJPEG on `decode_threads()` threads (`fastdcm.backend.j2k_decoder`, imagecodecs from `fastdcm[fast]`), else None. The same OpenJPEG as pydicom's pylibjpeg plugin, with pydicom's checks and post-processing; a stream it refuses goes back to pydicom's own plugins, which decode it or raise today's error."
+    dec = _backend.j2k_decoder(ts)
+    if dec is None: return None
+    try: return dec.as_array(ds, index=None if frame is None or nf == 1 else frame, as_rgb=True, decoding_plugin='imagecodecs')[0]
     except Exception: return None   # pydicom's default plugin decodes it, or raises the error the caller maps
 
 

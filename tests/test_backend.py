@@ -270,3 +270,33 @@ def test_header_longer_than_the_first_read(tmp_path, extra):
     assert res is not None
     ref = pydicom.dcmread(f)
     assert np.array_equal(res[1], ref.pixel_array) and res[0].get('WindowCenter') == ref.WindowCenter
+
+# ---------------------------------------------------------------------------------------------------------------
+# JPEG 2000 threads: several only where nothing else decodes beside the call
+
+def _threads_in_child(q): q.put(backend.decode_threads())
+
+def test_decode_threads_one_beside_other_decodes(monkeypatch):
+    "In the main thread of the main process as many threads as CPUs this process may use (at most 8); one in a pool's thread, one in a process `multiprocessing` started (as a DataLoader worker is); `FASTDCM_DECODE_THREADS` wins."
+    import concurrent.futures as cf, multiprocessing as mp
+    monkeypatch.delenv('FASTDCM_DECODE_THREADS', raising=False)
+    assert backend.decode_threads() == max(1, min(8, len(os.sched_getaffinity(0))))
+    with cf.ThreadPoolExecutor(1) as ex: assert ex.submit(backend.decode_threads).result() == 1
+    ctx = mp.get_context('fork'); q = ctx.Queue(); p = ctx.Process(target=_threads_in_child, args=(q,)); p.start()
+    try: assert q.get(timeout=60) == 1
+    finally: p.join(60)
+    monkeypatch.setenv('FASTDCM_DECODE_THREADS', '5')
+    assert backend.decode_threads() == 5
+    with cf.ThreadPoolExecutor(1) as ex: assert ex.submit(backend.decode_threads).result() == 5
+    monkeypatch.setenv('FASTDCM_DECODE_THREADS', 'lots')
+    with pytest.raises(ValueError, match='FASTDCM_DECODE_THREADS'): backend.decode_threads()
+
+def test_j2k_decoder_leaves_pydicoms_decoders_alone():
+    "fastdcm's JPEG 2000 decoder is its own pydicom `Decoder`: pydicom's registry (what a user's `ds.pixel_array` uses) gains no plugin."
+    pytest.importorskip('imagecodecs')
+    import pydicom.uid as U
+    from pydicom.pixels import get_decoder
+    before = {u: get_decoder(u).available_plugins for u in (U.JPEG2000Lossless, U.JPEG2000, U.HTJ2KLossless)}
+    for u in before: assert backend.j2k_decoder(u).available_plugins == ('imagecodecs',)
+    assert {u: get_decoder(u).available_plugins for u in before} == before
+    assert backend.j2k_decoder(U.JPEGLSLossless) is None and backend.j2k_decoder(U.RLELossless) is None

@@ -414,6 +414,78 @@ def test_jpeg_ls_through_charls_equals_pydicom(monkeypatch, no_downloads):
             if isinstance(b, Exception): assert type(a) is type(b) and str(a) == str(b), (f, k, a, b)
             else: assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), (f, k)
 
+# ---------------------------------------------------------------------------------------------------------------
+# JPEG 2000 / HTJ2K through imagecodecs (the `fast` extra) on several threads: the same outcome as pydicom's plugins
+
+_J2K_UIDS = ('1.2.840.10008.1.2.4.90', '1.2.840.10008.1.2.4.91', '1.2.840.10008.1.2.4.201', '1.2.840.10008.1.2.4.202', '1.2.840.10008.1.2.4.203')
+
+def _j2k_files():
+    out = []
+    for f in installed_test_files():
+        try: ts = pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        except Exception: continue
+        if ts in _J2K_UIDS: out.append(f)
+    return out
+
+def _outcome(f, **k):
+    try: return dicom_pixels(f, **k)
+    except Exception as e: return e
+
+def _same_outcome(a, b, what):
+    import re
+    if isinstance(a, Exception) or isinstance(b, Exception):
+        at = lambda e: re.sub(r' at 0x[0-9a-f]+', '', str(e))   # pillow names the address of its BytesIO
+        assert type(a) is type(b) and at(a) == at(b), (what, a, b)
+    else: assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True), what
+
+@pytest.fixture
+def threads_seen(monkeypatch):
+    "The `numthreads` of every imagecodecs JPEG 2000 decode, with two threads asked for."
+    ic = pytest.importorskip('imagecodecs', reason='imagecodecs is not installed (pip install fastdcm[fast]): pydicom decodes JPEG 2000 with its own plugins')
+    from fastdcm import backend
+    seen, orig = [], ic.jpeg2k_decode
+    def spy(src, **k): seen.append(k.get('numthreads')); return orig(src, **k)
+    monkeypatch.setattr(backend._imagecodecs, 'jpeg2k_decode', spy)
+    monkeypatch.setenv('FASTDCM_DECODE_THREADS', '2')
+    return seen
+
+def test_jpeg_2000_through_imagecodecs_equals_pydicom(monkeypatch, threads_seen, no_downloads):
+    "Every installed JPEG 2000 test file (signed, 10-16 bits, MONOCHROME1, RGB, YBR_ICT/RCT, multi-frame, a precision that disagrees with the header), every stage, all frames and single frames: the same pixels, or the same typed error, decoded by imagecodecs on two threads as by pydicom's own plugins."
+    import fastdcm.pixels as px
+    files = _j2k_files()
+    assert len(files) >= 15, files
+    orig, decoded = px._decode_j2k, 0
+    for f in files:
+        nf = int(pydicom.dcmread(f, stop_before_pixels=True).get('NumberOfFrames') or 1)
+        ks = [dict(stage=s) for s in ('stored', 'modality', 'display')] + [dict(frame=i) for i in sorted({0, nf - 1})]
+        monkeypatch.setattr(px, '_decode_j2k', lambda *a: None)   # pydicom's plugins (pylibjpeg-openjpeg first)
+        ref = [_outcome(f, **k) for k in ks]
+        monkeypatch.setattr(px, '_decode_j2k', orig); threads_seen.clear()
+        fast = [_outcome(f, **k) for k in ks]
+        for k, a, b in zip(ks, fast, ref): _same_outcome(a, b, (f, k))
+        # imagecodecs decoded every file pydicom decodes (the others are refused before any decoder, or by both)
+        if any(not isinstance(r, Exception) for r in ref): assert set(threads_seen) == {2}, (f, threads_seen)
+        decoded += any(not isinstance(r, Exception) for r in ref)
+    assert decoded >= 15, decoded
+
+def test_jpeg_2000_mutants_same_outcome(tmp_path, monkeypatch, threads_seen):
+    "JPEG 2000 files with one to eight bytes of Pixel Data changed, some cut short: never a crash (an abort would end the test run), and the same pixels or the same typed error as through pydicom's own plugins."
+    import random, fastdcm.pixels as px
+    rng, orig, n = random.Random(0), px._decode_j2k, 0
+    for name in ('JPEG2000.dcm', 'MR_small_jp2klossless.dcm', 'US1_J2KR.dcm', 'emri_small_jpeg_2k_lossless.dcm'):
+        src = get_testdata_file(name)
+        if src is None: continue
+        data = Path(src).read_bytes(); start = len(data) - len(pydicom.dcmread(src).PixelData)
+        for i in range(40):
+            b = bytearray(data)
+            for _ in range(rng.randint(1, 8)): b[rng.randrange(start, len(b))] = rng.randrange(256)
+            if rng.random() < 0.2: b = b[:rng.randrange(start, len(b))]
+            f = tmp_path/f'{i}_{name}'; f.write_bytes(bytes(b))
+            monkeypatch.setattr(px, '_decode_j2k', orig); fast = _outcome(f, stage='stored')
+            monkeypatch.setattr(px, '_decode_j2k', lambda *a: None); ref = _outcome(f, stage='stored')
+            _same_outcome(fast, ref, f.name); n += 1
+    assert n >= 80 and len(threads_seen) >= n // 2, (n, len(threads_seen))
+
 def _encapsulated_files(uids):
     out = []
     for f in installed_test_files():
