@@ -7,6 +7,8 @@
 (a0) (a) without fastdcm's `RecalibrateBN` callback, which fastdcm's `vision_learner` adds when training from scratch:
      before each validation it re-estimates BatchNorm statistics with forward passes (no gradient) on the inputs of
      the epoch's last training batches (4, at most a quarter of the epoch's: here 2 of 6);
+(a1) (a) without channels-last: fastdcm's `vision_learner` trains with the weights in channels-last layout on the CPU
+     (fastai's `ChannelsLast` callback), where oneDNN's convolutions run faster; `channels_last=False` turns it off;
 (c)  (a) with a warm `DecodeCache`;
 (d)  8-bit PNG exports of the same files (window 'auto', written before timing) through `ImageDataLoaders`.
 
@@ -92,15 +94,15 @@ def data_pass(dls):
             for _ in dl: pass
     return _timed(run)
 
-def epoch(dls, seed, vision_learner, recalibrate=True):
-    "(wall, CPU) seconds for one epoch (`fit(1)`: training and validation) of a fresh resnet18; `recalibrate=False` takes fastdcm's `RecalibrateBN` callback out."
+def epoch(dls, seed, vision_learner, recalibrate=True, **kwargs):
+    "(wall, CPU) seconds for one epoch (`fit(1)`: training and validation) of a fresh resnet18; `recalibrate=False` takes fastdcm's `RecalibrateBN` callback out; `kwargs` go to `vision_learner`."
     set_seed(seed, reproducible=True)
     n_in = dls.one_batch()[0].shape[1]
-    learn = vision_learner(dls, resnet18, pretrained=False, n_in=n_in, metrics=accuracy)
+    learn = vision_learner(dls, resnet18, pretrained=False, n_in=n_in, metrics=accuracy, **kwargs)
     if not recalibrate: learn.remove_cbs([c for c in learn.cbs if type(c).__name__ == 'RecalibrateBN'])
     with learn.no_bar(), learn.no_logging(): return _timed(lambda: learn.fit(1, 1e-3))
 
-VARIANTS = {'a': '(a)  fastdcm, pydicom decode', 'a0': '(a0) (a) without RecalibrateBN',
+VARIANTS = {'a': '(a)  fastdcm, pydicom decode', 'a0': '(a0) (a) without RecalibrateBN', 'a1': '(a1) (a) without channels-last',
             'a+': '(a+) fastdcm, compiled backend', 'b': '(b)  fastai.medical PILDicom',
             'c': '(c)  fastdcm, DecodeCache warm', 'd': '(d)  8-bit PNG, ImageDataLoaders'}
 
@@ -110,7 +112,7 @@ def run_variant(v, folder, px, bs, seed, rounds):
     df, png = pd.read_csv(folder/'dcm.csv'), pd.read_csv(folder/'png.csv')
     if v in ('b', 'd'): from fastai.vision.all import vision_learner
     else: from fastdcm.learner import vision_learner
-    with backend_switched(v == 'a+') if v in ('a', 'a0', 'a+', 'c') else contextlib.nullcontext(), warnings.catch_warnings():
+    with backend_switched(v == 'a+') if v in ('a', 'a0', 'a1', 'a+', 'c') else contextlib.nullcontext(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         if v == 'b': dls = fastai_medical_dls(df, px, bs, seed)
         elif v == 'd': dls = png_dls(png, px, bs, seed)
@@ -119,7 +121,8 @@ def run_variant(v, folder, px, bs, seed, rounds):
             dls = fastdcm_dls(df, px, bs, seed, cache=DecodeCache(folder/'cache') if v == 'c' else None)
         data_pass(dls)   # one-time costs out of the way (and (c)'s cache filled): the timed passes find it warm
         t_data = min((data_pass(dls) for _ in range(2)), key=lambda t: t[1])
-        t_epoch = min((epoch(dls, seed, vision_learner, recalibrate=v != 'a0') for _ in range(rounds)), key=lambda t: t[1])
+        kw = dict(channels_last=False) if v == 'a1' else {}
+        t_epoch = min((epoch(dls, seed, vision_learner, recalibrate=v != 'a0', **kw) for _ in range(rounds)), key=lambda t: t[1])
     return t_epoch, t_data
 
 def main(n=48, size=256, px=96, bs=16, seed=0, rounds=1, threads=None):
@@ -148,7 +151,7 @@ def main(n=48, size=256, px=96, bs=16, seed=0, rounds=1, threads=None):
         share = lambda v: res[v][1][1] / res[v][0][1]
         vs_b = lambda v: res[v][0][1] / res['b'][0][1]
         print(f'CPU time: (a) epoch / (b) epoch {vs_b("a"):.2f} (goal <= 1); (a) data share {share("a"):.1%} (goal < 10%); '
-              f'without RecalibrateBN (a0) / (b) {vs_b("a0"):.2f}')
+              f'without RecalibrateBN (a0) / (b) {vs_b("a0"):.2f}; without channels-last (a1) / (b) {vs_b("a1"):.2f}')
         if 'a+' in res:
             print(f'CPU time: (a+) epoch / (b) epoch {vs_b("a+"):.2f}; (a+) data share {share("a+"):.1%}; '
                   f'data pass (a) / (a+) {res["a"][1][1] / res["a+"][1][1]:.2f}x')

@@ -25,6 +25,7 @@ from fastai.interpret import ClassificationInterpretation
 from fastai.callback.core import Callback
 from torch import nn
 import fastai.callback.all  # registers fit_one_cycle, fine_tune and the progress bar on Learner
+from fastai.callback.channelslast import ChannelsLast
 from .transforms import DicomBlock, DicomResize, TensorDicom, OpenDicom
 from .augment import Window, dicom_aug_transforms
 from .synth import synth_study_set
@@ -136,29 +137,35 @@ def _bn_cbs(cbs, pretrained, recalibrate_bn):
     if not ifnone(recalibrate_bn, not pretrained): return cbs
     return listify(cbs) + [RecalibrateBN()]
 
+def _layout_cbs(cbs, dls, channels_last):
+    "Add fastai's `ChannelsLast` (without mixed precision) when asked, or by default when `dls` are on the CPU."
+    dev = getattr(dls, 'device', None)
+    if not ifnone(channels_last, dev is None or torch.device(dev).type == 'cpu'): return cbs
+    return listify(cbs) + [ChannelsLast()]
+
 _fastai_vision_learner, _fastai_unet_learner = _fv.vision_learner, _fv.unet_learner   # fastai's own, for other dls
 
 @delegates(_fastai_vision_learner)
 def vision_learner(dls, arch, normalize=True, n_in=None, pretrained=True, norm_batches:int=8, recalibrate_bn=None,
-                   cbs=None, **kwargs):
-    "fastai's `vision_learner`; on DICOM `dls`, `n_in` inferred from the batch and normalisation suited to `pretrained`."
+                   channels_last=None, cbs=None, **kwargs):
+    "fastai's `vision_learner`; on DICOM `dls`, `n_in` inferred from the batch, normalisation suited to `pretrained`, `RecalibrateBN` from scratch, channels-last on the CPU."
     if not is_dicom_dls(dls):
         return _fastai_vision_learner(dls, arch, normalize=normalize, pretrained=pretrained, cbs=cbs,
                                       **({} if n_in is None else {'n_in': n_in}), **kwargs)
     n_in = _prepare(dls, arch, normalize, n_in, pretrained, norm_batches)
     return _fastai_vision_learner(dls, arch, normalize=False, n_in=n_in, pretrained=pretrained,
-                                  cbs=_bn_cbs(cbs, pretrained, recalibrate_bn), **kwargs)
+                                  cbs=_layout_cbs(_bn_cbs(cbs, pretrained, recalibrate_bn), dls, channels_last), **kwargs)
 
 @delegates(_fastai_unet_learner)
 def unet_learner(dls, arch, normalize=True, n_in=None, pretrained=True, norm_batches:int=8, recalibrate_bn=None,
-                 cbs=None, **kwargs):
-    "fastai's `unet_learner` (segmentation); on DICOM `dls`, `n_in` inferred from the batch and suitable normalisation."
+                 channels_last=None, cbs=None, **kwargs):
+    "fastai's `unet_learner` (segmentation); on DICOM `dls`, `n_in` inferred from the batch, suitable normalisation, `RecalibrateBN` from scratch, channels-last on the CPU."
     if not is_dicom_dls(dls):
         return _fastai_unet_learner(dls, arch, normalize=normalize, pretrained=pretrained, cbs=cbs,
                                     **({} if n_in is None else {'n_in': n_in}), **kwargs)
     n_in = _prepare(dls, arch, normalize, n_in, pretrained, norm_batches)
     return _fastai_unet_learner(dls, arch, normalize=False, n_in=n_in, pretrained=pretrained,
-                                cbs=_bn_cbs(cbs, pretrained, recalibrate_bn), **kwargs)
+                                cbs=_layout_cbs(_bn_cbs(cbs, pretrained, recalibrate_bn), dls, channels_last), **kwargs)
 
 # %% ../nbs/06_learner.ipynb #ordcd001
 def _make_fastai_learners_dicom_aware():

@@ -238,3 +238,28 @@ def test_recalibrate_bn_takes_at_most_max_frac_of_the_epoch():
         learn, _ = _bn_learner(xs, n_batches=4, max_frac=max_frac)
         with learn.no_bar(), learn.no_logging(): learn.fit(1)
         np.testing.assert_allclose(learn.model[0].running_mean.numpy(), xs[first:].mean(0).numpy(), rtol=1e-5)
+
+def test_channels_last_on_cpu_by_default(study):
+    "On CPU DICOM DataLoaders both learners train channels-last (fastai's `ChannelsLast`, no mixed precision); `channels_last=False/True` decides; fastai's own learners on other data are untouched; the layout changes no value beyond float rounding."
+    from fastai.callback.channelslast import ChannelsLast
+    from fastai.callback.fp16 import MixedPrecision
+    has = lambda l, cls: len(l.cbs.filter(lambda c: isinstance(c, cls)))
+    dls = DicomDataLoaders.from_df(study, seed=0, bs=8, windows=['auto', 'bone'], item_tfms=DicomResize(64), num_workers=0)
+    assert torch.device(dls.device).type == 'cpu'
+    learn = vision_learner(dls, resnet18, pretrained=False)
+    assert has(learn, ChannelsLast) == 1 and has(learn, MixedPrecision) == 0
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    w = learn.model[0][0].weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    plain = vision_learner(dls, resnet18, pretrained=False, channels_last=False)
+    assert has(plain, ChannelsLast) == 0
+    plain.model.load_state_dict(learn.model.state_dict())
+    xb = dls.one_batch()[0].as_subclass(torch.Tensor)
+    learn.model.eval(); plain.model.eval()
+    with torch.no_grad(): torch.testing.assert_close(learn.model(xb), plain.model(xb), rtol=1e-4, atol=1e-4)
+    assert has(unet_learner(dls, resnet18, pretrained=False, n_out=2), ChannelsLast) == 1
+    assert has(unet_learner(dls, resnet18, pretrained=False, n_out=2, channels_last=False), ChannelsLast) == 0
+    from types import SimpleNamespace
+    from fastdcm.learner import _layout_cbs                            # DataLoaders on a GPU: off unless asked
+    gpu = SimpleNamespace(device=torch.device('cuda', 0))
+    assert _layout_cbs(None, gpu, None) is None and len(_layout_cbs(None, gpu, True)) == 1
