@@ -1,6 +1,6 @@
 """3-D classification, regression and segmentation learners on DICOM series, with MONAI's networks; `predict` on a series folder, sliding windows, flip TTA.
 
-Public API: `volume_classifier`, `volume_segmenter`, `DiceCELoss3D`, `VolumeLearner`, `volume_learner`, `volume_unet_learner`, `run_demo_3d`
+Public API: `volume_classifier`, `volume_segmenter`, `DiceCELoss3D`, `ChannelsLast3d`, `VolumeLearner`, `volume_learner`, `volume_unet_learner`, `run_demo_3d`
 
 Docs: https://fastdcm.github.io/fastdcm/volume_learner.html.md"""
 
@@ -13,6 +13,8 @@ import numpy as np, torch
 import torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import store_attr
 from fastai.learner import Learner
+from fastai.callback.core import Callback
+from fastcore.basics import ifnone, listify
 import fastai.callback.schedule  # fit_one_cycle, lr_find on Learner
 from fastai.metrics import Dice, DiceMulti
 from fastai.data.transforms import get_c
@@ -21,8 +23,8 @@ from .volume_data import (TensorVolume, TensorMask3D, open_volume, ResampleVolum
                                  _crop_pad3d, OpenVolumeMask)
 
 # %% auto #0
-__all__ = ['volume_classifier', 'volume_segmenter', 'DiceCELoss3D', 'VolumeLearner', 'volume_learner', 'volume_unet_learner',
-           'run_demo_3d']
+__all__ = ['volume_classifier', 'volume_segmenter', 'DiceCELoss3D', 'ChannelsLast3d', 'VolumeLearner', 'volume_learner',
+           'volume_unet_learner', 'run_demo_3d']
 
 # %% ../nbs/12_volume_learner.ipynb #55096bad
 def _monai_nets():
@@ -98,6 +100,17 @@ def _patch_size(dls):
         if isinstance(t, CropPadVolume): return tuple(t.size)
     return None
 
+class ChannelsLast3d(Callback):
+    "Train with the weights of 3-D convolutions in channels-last layout (`torch.channels_last_3d`): fastai's `ChannelsLast` for 5-D tensors, which it leaves alone."
+    order = -1   # before any callback that changes the model
+    def before_fit(self): self.learn.model.to(memory_format=torch.channels_last_3d)
+
+def _layout_cbs(cbs, dls, channels_last):
+    "Add `ChannelsLast3d` when asked, or by default when `dls` are on the CPU."
+    dev = getattr(dls, 'device', None)
+    if not ifnone(channels_last, dev is None or torch.device(dev).type == 'cpu'): return cbs
+    return listify(cbs) + [ChannelsLast3d()]
+
 class VolumeLearner(Learner):
     "A `Learner` whose `predict` takes a series (folder, files, row, multi-frame file): the label, or a mask on the series' own grid."
     def _prepare(self, item):
@@ -149,21 +162,25 @@ class VolumeLearner(Learner):
 
 def volume_learner(dls, arch:str|nn.Module='resnet10', n_out:int|None=None, pretrained:bool=False, loss_func=None,
                    metrics=None, net_kwargs:dict|None=None, # to `volume_classifier` (widths, norm, conv1_t_size...)
-                   **kwargs) -> VolumeLearner:
+                   channels_last:bool|None=None, # weights in `channels_last_3d` layout (`ChannelsLast3d`); None: on the CPU
+                   cbs=None, **kwargs) -> VolumeLearner:
     "A `VolumeLearner` for 3-D classification or regression with a MONAI network (`arch` a name of `volume_classifier`, or a module)."
     n_out = n_out or get_c(dls)
     if n_out is None: raise ValueError('n_out not given and not found in dls')
     model = arch if isinstance(arch, nn.Module) else volume_classifier(arch, _n_in(dls), n_out, pretrained=pretrained, **(net_kwargs or {}))
-    return VolumeLearner(dls, model, loss_func=loss_func, metrics=metrics, **kwargs)
+    return VolumeLearner(dls, model, loss_func=loss_func, metrics=metrics, cbs=_layout_cbs(cbs, dls, channels_last), **kwargs)
 
 def volume_unet_learner(dls, arch:str|nn.Module='unet', n_out:int|None=None, loss_func=None, metrics=None,
-                        channels=(16, 32, 64, 128), **kwargs) -> VolumeLearner:
+                        channels=(16, 32, 64, 128),
+                        channels_last:bool|None=None, # weights in `channels_last_3d` layout (`ChannelsLast3d`); None: on the CPU
+                        cbs=None, **kwargs) -> VolumeLearner:
     "A `VolumeLearner` for 3-D segmentation: a MONAI U-Net (or SegResNet), Dice + cross-entropy loss, Dice metric."
     codes = _mask_codes(dls)
     n_out = n_out or (len(codes) if codes else 2)
     model = arch if isinstance(arch, nn.Module) else volume_segmenter(arch, _n_in(dls), n_out, channels=channels)
     if metrics is None: metrics = [Dice() if n_out == 2 else DiceMulti()]
-    return VolumeLearner(dls, model, loss_func=loss_func or DiceCELoss3D(), metrics=metrics, **kwargs)
+    return VolumeLearner(dls, model, loss_func=loss_func or DiceCELoss3D(), metrics=metrics,
+                         cbs=_layout_cbs(cbs, dls, channels_last), **kwargs)
 
 # %% ../nbs/12_volume_learner.ipynb #dae626fe
 import time, tempfile

@@ -219,3 +219,29 @@ def test_regression_learner_predicts_a_number(tmp_path):
     learn.fit(1, 1e-3)
     out, idx, raw = learn.predict(cs[0].folder, tta=True)
     assert idx is None and out.shape == (1,) and torch.isfinite(out).all()
+
+def test_volume_learners_channels_last_on_cpu(cases):
+    "On CPU DataLoaders both 3-D learners train with `channels_last_3d` weights (`ChannelsLast3d`); `channels_last=False` keeps the default layout; the outputs agree to float rounding; a GPU gets it only when asked."
+    pytest.importorskip('monai')
+    from types import SimpleNamespace
+    from fastdcm.volume_learner import volume_learner, volume_unet_learner, ChannelsLast3d, _layout_cbs
+    has = lambda l: len(l.cbs.filter(lambda c: isinstance(c, ChannelsLast3d)))
+    df = pd.DataFrame([dict(fnames=[str(f) for f in c.files], PatientID=c.patient_id, label=c.label) for c in cases])
+    db = DataBlock(blocks=(VolumeBlock(), CategoryBlock), get_x=lambda r: r, get_y=ColReader('label'),
+                   splitter=PatientSplitter(valid_pct=0.25, seed=0), item_tfms=CropPadVolume(16), batch_tfms=VolumeWindow('soft_tissue'))
+    dls = db.dataloaders(df, bs=2)
+    learn = volume_learner(dls, 'resnet10')
+    assert has(learn) == 1
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    convs = [m.weight for m in learn.model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)
+    plain = volume_learner(dls, 'resnet10', channels_last=False)
+    assert has(plain) == 0
+    plain.model.load_state_dict(learn.model.state_dict()); plain.model.eval(); learn.model.eval()
+    xb = dls.valid.one_batch()[0].as_subclass(torch.Tensor)
+    with torch.no_grad(): torch.testing.assert_close(plain.model(xb), learn.model(xb), rtol=1e-4, atol=1e-4)
+    assert has(volume_unet_learner(dls, channels=(4, 8), n_out=2)) == 1
+    assert has(volume_unet_learner(dls, channels=(4, 8), n_out=2, channels_last=False)) == 0
+    gpu = SimpleNamespace(device=torch.device('cuda', 0))
+    assert _layout_cbs(None, gpu, None) is None and len(_layout_cbs(None, gpu, True)) == 1
