@@ -82,13 +82,13 @@ def compressed_copies(files, folder, uid):
 @contextlib.contextmanager
 def fast_extra(on, threads=None):
     "`fastdcm.pixels` as shipped (`on`: the `fast` extra used where installed; `threads`: JPEG 2000 decode threads, default `decode_threads()`) or with the extra switched off (the plain install's path)."
-    load, jls, j2k, env = backend.load, pixels._decode_jpeg_ls, pixels._decode_j2k, os.environ.get('FASTDCM_DECODE_THREADS')
+    load, fast, env = backend.load, pixels._decode_fast, os.environ.get('FASTDCM_DECODE_THREADS')
     try:
-        if not on: backend.load, pixels._decode_jpeg_ls, pixels._decode_j2k = (lambda *a, **k: None), (lambda *a, **k: None), (lambda *a, **k: None)
+        if not on: backend.load, pixels._decode_fast = (lambda *a, **k: None), (lambda *a, **k: None)
         if threads: os.environ['FASTDCM_DECODE_THREADS'] = str(threads)
         yield
     finally:
-        backend.load, pixels._decode_jpeg_ls, pixels._decode_j2k = load, jls, j2k
+        backend.load, pixels._decode_fast = load, fast
         if env is None: os.environ.pop('FASTDCM_DECODE_THREADS', None)
         else: os.environ['FASTDCM_DECODE_THREADS'] = env
 

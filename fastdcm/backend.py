@@ -8,7 +8,7 @@ Docs: https://fastdcm.github.io/fastdcm/backend.html.md"""
 
 # %% ../nbs/01a_backend.ipynb #c2fbee52
 from __future__ import annotations
-import functools, math, multiprocessing, os, re, struct, sys, threading
+import functools, math, multiprocessing, os, re, struct, threading
 import numpy as np
 from pydicom.tag import Tag
 from pydicom.datadict import tag_for_keyword

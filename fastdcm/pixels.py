@@ -446,8 +446,7 @@ def _decode_pydicom(ds, frame, name):
             if ybr16:   # pydicom converts 8-bit YBR only
                 arr, _ = decoder.as_array(ds, index=None if nf == 1 else frame, as_rgb=False)
                 arr = ybr_full_to_rgb(arr, int(_get(ds, 'BitsStored') or _get(ds, 'BitsAllocated')))
-            elif (arr := _decode_jpeg_ls(ds, ts, decoder, frame, nf)) is not None: pass
-            elif (arr := _decode_j2k(ds, ts, frame, nf)) is not None: pass
+            elif (arr := _decode_fast(ds, ts, decoder, frame, nf)) is not None: pass
             elif frame is None or nf == 1: arr = ds.pixel_array
             else: arr, _ = decoder.as_array(ds, index=frame, as_rgb=True)
     except DicomError: raise
@@ -580,17 +579,18 @@ def _load(src, frame=None, header=None):
 
 _JPEG_LS_TS = {'1.2.840.10008.1.2.4.80', '1.2.840.10008.1.2.4.81'}
 
-def _decode_jpeg_ls(ds, ts, decoder, frame, nf):
-    "JPEG-LS pixels decoded by CharLS through pydicom's `pyjpegls` plugin when it is installed (`fastdcm[fast]`), else None. pydicom tries pylibjpeg-libjpeg first, 5-7x slower on JPEG-LS; JPEG-LS decoding is exact (ISO 14495-1: lossless and near-lossless decoders reproduce the encoder's reconstruction), so the values are the same. A stream CharLS refuses goes back to pydicom's own choice, which raises today's error."
-    if ts not in _JPEG_LS_TS or 'pyjpegls' not in decoder.available_plugins: return None
-    try: return decoder.as_array(ds, index=None if frame is None or nf == 1 else frame, as_rgb=True, decoding_plugin='pyjpegls')[0]
-    except Exception: return None   # pydicom's default plugin decodes it, or raises the error the caller maps
-
-def _decode_j2k(ds, ts, frame, nf):
-    "JPEG 2000 / HTJ2K pixels decoded by OpenJPEG on `decode_threads()` threads (`fastdcm.backend.j2k_decoder`, imagecodecs from `fastdcm[fast]`), else None. The same OpenJPEG as pydicom's pylibjpeg plugin, with pydicom's checks and post-processing; a stream it refuses goes back to pydicom's own plugins, which decode it or raise today's error."
+def _fast_decoder(ts, decoder):
+    "(pydicom `Decoder`, plugin) the `fast` extra brings for transfer syntax `ts` (`decoder`: pydicom's own for it), or None. JPEG-LS: CharLS through pydicom's `pyjpegls` plugin, where pydicom tries pylibjpeg-libjpeg first, 5-7x slower; JPEG-LS decoding is exact (ISO 14495-1: lossless and near-lossless decoders reproduce the encoder's reconstruction), so the values are the same. JPEG 2000 / HTJ2K: the same OpenJPEG as pydicom's pylibjpeg plugin on `decode_threads()` threads (`fastdcm.backend.j2k_decoder`)."
+    if ts in _JPEG_LS_TS: return (decoder, 'pyjpegls') if 'pyjpegls' in decoder.available_plugins else None
     dec = _backend.j2k_decoder(ts)
-    if dec is None: return None
-    try: return dec.as_array(ds, index=None if frame is None or nf == 1 else frame, as_rgb=True, decoding_plugin='imagecodecs')[0]
+    return None if dec is None else (dec, 'imagecodecs')
+
+def _decode_fast(ds, ts, decoder, frame, nf):
+    "Pixels decoded by the `fast` extra's decoder for `ts` (`_fast_decoder`, pydicom's checks and post-processing included), else None. A stream it refuses goes back to pydicom's own plugins, which decode it or raise today's error."
+    found = _fast_decoder(ts, decoder)
+    if found is None: return None
+    dec, plugin = found
+    try: return dec.as_array(ds, index=None if frame is None or nf == 1 else frame, as_rgb=True, decoding_plugin=plugin)[0]
     except Exception: return None   # pydicom's default plugin decodes it, or raises the error the caller maps
 
 

@@ -396,7 +396,7 @@ def test_jpeg_ls_through_charls_equals_pydicom(monkeypatch, no_downloads):
     import fastdcm.pixels as px
     files = _jpeg_ls_files()
     assert len(files) >= 4, files
-    orig, decoded = px._decode_jpeg_ls, []
+    orig, decoded = px._decode_fast, []
     def charls(*a):
         arr = orig(*a); decoded.append(arr is not None); return arr
     def outcome(f, **k):
@@ -405,10 +405,10 @@ def test_jpeg_ls_through_charls_equals_pydicom(monkeypatch, no_downloads):
     for f in files:
         nf = int(pydicom.dcmread(f, stop_before_pixels=True).get('NumberOfFrames') or 1)
         ks = [dict(stage=s) for s in ('stored', 'modality', 'display')] + [dict(frame=i) for i in sorted({0, nf - 1})]
-        monkeypatch.setattr(px, '_decode_jpeg_ls', charls); decoded.clear()
+        monkeypatch.setattr(px, '_decode_fast', charls); decoded.clear()
         fast = [outcome(f, **k) for k in ks]
         assert any(decoded), f   # CharLS decoded it
-        monkeypatch.setattr(px, '_decode_jpeg_ls', lambda *a: None)   # pydicom's default plugin
+        monkeypatch.setattr(px, '_decode_fast', lambda *a: None)   # pydicom's default plugin
         ref = [outcome(f, **k) for k in ks]
         for k, a, b in zip(ks, fast, ref):
             if isinstance(b, Exception): assert type(a) is type(b) and str(a) == str(b), (f, k, a, b)
@@ -454,13 +454,13 @@ def test_jpeg_2000_through_imagecodecs_equals_pydicom(monkeypatch, threads_seen,
     import fastdcm.pixels as px
     files = _j2k_files()
     assert len(files) >= 15, files
-    orig, decoded = px._decode_j2k, 0
+    orig, decoded = px._decode_fast, 0
     for f in files:
         nf = int(pydicom.dcmread(f, stop_before_pixels=True).get('NumberOfFrames') or 1)
         ks = [dict(stage=s) for s in ('stored', 'modality', 'display')] + [dict(frame=i) for i in sorted({0, nf - 1})]
-        monkeypatch.setattr(px, '_decode_j2k', lambda *a: None)   # pydicom's plugins (pylibjpeg-openjpeg first)
+        monkeypatch.setattr(px, '_decode_fast', lambda *a: None)   # pydicom's plugins (pylibjpeg-openjpeg first)
         ref = [_outcome(f, **k) for k in ks]
-        monkeypatch.setattr(px, '_decode_j2k', orig); threads_seen.clear()
+        monkeypatch.setattr(px, '_decode_fast', orig); threads_seen.clear()
         fast = [_outcome(f, **k) for k in ks]
         for k, a, b in zip(ks, fast, ref): _same_outcome(a, b, (f, k))
         # imagecodecs decoded every file pydicom decodes (the others are refused before any decoder, or by both)
@@ -471,7 +471,7 @@ def test_jpeg_2000_through_imagecodecs_equals_pydicom(monkeypatch, threads_seen,
 def test_jpeg_2000_mutants_same_outcome(tmp_path, monkeypatch, threads_seen):
     "JPEG 2000 files with one to eight bytes of Pixel Data changed, some cut short: never a crash (an abort would end the test run), and the same pixels or the same typed error as through pydicom's own plugins."
     import random, fastdcm.pixels as px
-    rng, orig, n = random.Random(0), px._decode_j2k, 0
+    rng, orig, n = random.Random(0), px._decode_fast, 0
     for name in ('JPEG2000.dcm', 'MR_small_jp2klossless.dcm', 'US1_J2KR.dcm', 'emri_small_jpeg_2k_lossless.dcm'):
         src = get_testdata_file(name)
         if src is None: continue
@@ -481,8 +481,8 @@ def test_jpeg_2000_mutants_same_outcome(tmp_path, monkeypatch, threads_seen):
             for _ in range(rng.randint(1, 8)): b[rng.randrange(start, len(b))] = rng.randrange(256)
             if rng.random() < 0.2: b = b[:rng.randrange(start, len(b))]
             f = tmp_path/f'{i}_{name}'; f.write_bytes(bytes(b))
-            monkeypatch.setattr(px, '_decode_j2k', orig); fast = _outcome(f, stage='stored')
-            monkeypatch.setattr(px, '_decode_j2k', lambda *a: None); ref = _outcome(f, stage='stored')
+            monkeypatch.setattr(px, '_decode_fast', orig); fast = _outcome(f, stage='stored')
+            monkeypatch.setattr(px, '_decode_fast', lambda *a: None); ref = _outcome(f, stage='stored')
             _same_outcome(fast, ref, f.name); n += 1
     assert n >= 80 and len(threads_seen) >= n // 2, (n, len(threads_seen))
 
