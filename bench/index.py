@@ -56,6 +56,22 @@ def getitem_route():
     try: yield
     finally: core._converted = orig
 
+def time_runs(runs, repeat):
+    "Best seconds of each of `runs` ({name: (f, through the __getitem__ route)}) over `repeat` interleaved rounds, each pass without reused conversions; and the load average after each round."
+    best, loads = {k: float('inf') for k in runs}, []
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for _ in range(repeat):
+            for k, (f, old) in runs.items():
+                core._CONVERTED.clear()   # no conversion reused from an earlier pass: each pass starts cold
+                with (getitem_route() if old else contextlib.nullcontext()):
+                    t = time.perf_counter(); f(); best[k] = min(best[k], time.perf_counter() - t)
+            loads.append(os.getloadavg()[0])
+    return best, loads
+
+def report(best, n, anchor):
+    for k, t in best.items(): print(f'  {k:52s} {n/t:7.0f} files/s   x{best[anchor]/t:5.2f} vs the pydicom loop')
+
 def series(n, repeat):
     "The same on a CT series as a scanner writes it (bench/decode.py's header: a UID, position, instance number and slice location per slice, the rest repeated), 32 x 32 pixels: the realistic share of reused conversions."
     import sys
@@ -66,16 +82,9 @@ def series(n, repeat):
         files = make_files(tmp, n, 32)
         runs = {'pydicom loop': (lambda: pydicom_loop(files), False), 'index_dicoms, 1 process': (lambda: index_dicoms(files, n_workers=0, progress=False), False),
                 'index_dicoms, __getitem__ route': (lambda: index_dicoms(files, n_workers=0, progress=False), True)}
-        best = {k: float('inf') for k in runs}
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            for _ in range(repeat):
-                for k, (f, old) in runs.items():
-                    core._CONVERTED.clear()
-                    with (getitem_route() if old else contextlib.nullcontext()):
-                        t = time.perf_counter(); f(); best[k] = min(best[k], time.perf_counter() - t)
-        print(f'a CT series of {n} slices (bench/decode.py\'s header), best of {repeat}; load average {os.getloadavg()[0]:.2f}')
-        for k, t in best.items(): print(f'  {k:52s} {n/t:7.0f} files/s   x{best["pydicom loop"]/t:5.2f} vs the pydicom loop')
+        best, loads = time_runs(runs, repeat)
+        print(f'a CT series of {n} slices (bench/decode.py\'s header), best of {repeat}; load average {loads[-1]:.2f}')
+        report(best, n, 'pydicom loop')
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 def mixed(repeat):
@@ -83,22 +92,18 @@ def mixed(repeat):
     from pydicom.data.data_manager import external_data_sources, DataTypes
     files = sorted(Path(get_testdata_file('CT_small.dcm')).parent.glob('*.dcm'))
     files += [Path(p) for src in external_data_sources().values() for p in src.get_paths('*.dcm', DataTypes.DATASET)]
-    ok = []
+    def anchor_reads(f):   # only files the anchor reads are timed (index_dicoms reads every file anyway)
+        try: pydicom_loop([f])
+        except Exception: return False
+        return True
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        for f in files:
-            try: pydicom_loop([f]); ok.append(f)   # the anchor must read it (index_dicoms reads every file anyway)
-            except Exception: pass
-        runs = {'pydicom loop': (lambda: pydicom_loop(ok), False), 'index_dicoms, 1 process': (lambda: index_dicoms(ok, n_workers=0, progress=False), False),
-                'index_dicoms, __getitem__ route': (lambda: index_dicoms(ok, n_workers=0, progress=False), True)}
-        best = {k: float('inf') for k in runs}
-        for _ in range(repeat):
-            for k, (f, old) in runs.items():
-                core._CONVERTED.clear()
-                with (getitem_route() if old else contextlib.nullcontext()):
-                    t = time.perf_counter(); f(); best[k] = min(best[k], time.perf_counter() - t)
-    print(f'pydicom\'s test files ({len(ok)} the loop reads, mixed headers), best of {repeat}; load average {os.getloadavg()[0]:.2f}')
-    for k, t in best.items(): print(f'  {k:52s} {len(ok)/t:7.0f} files/s   x{best["pydicom loop"]/t:5.2f} vs the pydicom loop')
+        ok = [f for f in files if anchor_reads(f)]
+    runs = {'pydicom loop': (lambda: pydicom_loop(ok), False), 'index_dicoms, 1 process': (lambda: index_dicoms(ok, n_workers=0, progress=False), False),
+            'index_dicoms, __getitem__ route': (lambda: index_dicoms(ok, n_workers=0, progress=False), True)}
+    best, loads = time_runs(runs, repeat)
+    print(f'pydicom\'s test files ({len(ok)} the loop reads, mixed headers), best of {repeat}; load average {loads[-1]:.2f}')
+    report(best, len(ok), 'pydicom loop')
 
 def main(n=2000, repeat=3):
     tmp = Path(tempfile.mkdtemp())
@@ -113,20 +118,10 @@ def main(n=2000, repeat=3):
                 'index_dicoms, 1 process': (lambda: index_dicoms(files, n_workers=0, progress=False), False),
                 'index_dicoms, 1 process, Dataset.__getitem__ route': (lambda: index_dicoms(files, n_workers=0, progress=False), True),
                 'index_dicoms, local pool of 2': (lambda: index_dicoms(files, n_workers=2, progress=False), False)}
-        best = {k: float('inf') for k in runs}
-        loads = []
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            for _ in range(repeat):
-                for k, (f, old) in runs.items():
-                    core._CONVERTED.clear()   # no conversion reused from an earlier round: each pass starts cold
-                    with (getitem_route() if old else contextlib.nullcontext()):
-                        t = time.perf_counter(); f(); best[k] = min(best[k], time.perf_counter() - t)
-                loads.append(os.getloadavg()[0])
-        anchor = best['pydicom loop (dcmread + {keyword: value})']
+        best, loads = time_runs(runs, repeat)
         print(f'{n} CT headers (~260 elements each), os.cpu_count()={os.cpu_count()}, best of {repeat}; '
               f'load average after each round: {", ".join(f"{x:.2f}" for x in loads)}')
-        for k, t in best.items(): print(f'  {k:52s} {n/t:7.0f} files/s   x{anchor/t:5.2f} vs the pydicom loop')
+        report(best, n, 'pydicom loop (dcmread + {keyword: value})')
         print(f"index_dicoms 1 process: x{best['index_dicoms, 1 process, Dataset.__getitem__ route']/best['index_dicoms, 1 process']:.2f} "
               f"vs the __getitem__ route (before issue 13)")
         series(n, repeat)
